@@ -1,0 +1,30 @@
+"""ATST audio representations: clip-level and frame-level embeddings from ATST-Clip, ATST-Frame and ATST-C2F."""
+
+from .audio import AudioDecodeError, EmptyAudioError
+from .checkpoints import CheckpointError
+from .loading import load_model
+from .model import ATSTModel
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ATSTModel",
+    "AudioDecodeError",
+    "CheckpointError",
+    "EmptyAudioError",
+    "get_clip_embedding",
+    "get_frame_embeddings",
+    "load_model",
+    "__version__",
+]
+
+
+def get_frame_embeddings(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int = 12):
+    """Frame embeddings ``[B, T, n_blocks * D]`` and timestamps ``[B, T]`` in ms; see
+    :meth:`ATSTModel.get_frame_embeddings`."""
+    return model.get_frame_embeddings(audio, sample_rate=sample_rate, n_blocks=n_blocks)
+
+
+def get_clip_embedding(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int = 12):
+    """Clip embedding ``[B, model.clip_embedding_size(n_blocks)]``; see :meth:`ATSTModel.get_clip_embedding`."""
+    return model.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=n_blocks)

@@ -1,0 +1,253 @@
+"""Read ATST checkpoints safely (``torch.load(weights_only=True)``) and infer their architecture.
+
+Accepted: official Lightning checkpoints of ATST-Clip and ATST-Frame (encoder under
+``model.teacher.encoder.``), the C2F distillation checkpoint (student under ``model.student.``,
+AudioSet head under ``model.linear.``), fine-tuned checkpoints (``encoder.encoder.``), the
+third-party layouts of ATST-SED (``encoder.encoder.frame_encoder.``, ``atst_frame.atst.``),
+the legacy ``{"teacher": ..., "args": ...}`` dicts and bare encoder state dicts, all possibly
+behind ``module.`` / ``backbone.`` prefixes. The architecture comes from ``hyper_parameters``
+where present and otherwise from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
+from .model import ModelConfig, TaggingHead
+
+__all__ = ["CheckpointError", "CheckpointContents", "read_checkpoint", "parse_state_dict"]
+
+# Known places of the encoder, most specific first: the C2F student must win over the C2F file's
+# ATST-Clip teacher, and a pretraining teacher over its student.
+ENCODER_PREFIXES = (
+    "model.student.",  # C2F distillation (FrameAST directly under the student)
+    "model.teacher.encoder.",  # ATST-Clip / ATST-Frame pretraining (the EMA teacher)
+    "encoder.encoder.frame_encoder.",  # ATST-SED
+    "encoder.encoder.",  # fine-tuned ATST-Clip / ATST-Frame
+    "atst_frame.atst.",  # ATST-SED
+    "encoder.",  # legacy {"teacher": ...} dicts
+    "",  # bare encoder state dict
+)
+WRAPPER_PREFIXES = ("module.", "backbone.")
+C2F_HEAD_PREFIX = "model.linear."
+
+# Globals that genuine files may hold besides tensors. The legacy pretraining format stores its
+# command line as an argparse.Namespace (reference section 4.2), a plain attribute container.
+SAFE_GLOBALS = [argparse.Namespace]
+
+# Official key names -> ours (the CNN patch embedding is a reshaped Linear one).
+_RENAMES = (
+    (re.compile(r"^patch_embed\.patch_embed\."), "patch_embed."),
+    (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
+    (re.compile(r"^norm_frame\."), "norm."),
+)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable ATST checkpoint; the message names it and what was expected."""
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint holds for inference: architecture, encoder weights, optional C2F head."""
+
+    config: ModelConfig
+    encoder_state: dict[str, Tensor]
+    head_state: dict[str, Tensor] | None
+    layout: str
+    hyper_parameters: dict
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors"
+        raise CheckpointError(
+            f"{str(path)!r}: refusing to unpickle {what}: checkpoints are read with "
+            "torch.load(weights_only=True) and may only hold tensors and plain values"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes means "unreadable"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{str(path)!r}: not a readable PyTorch checkpoint (truncated or corrupted?): {reason}"
+        ) from None
+
+
+def _hyper_parameters(container: dict) -> dict:
+    if isinstance(container.get("hyper_parameters"), dict):
+        return dict(container["hyper_parameters"])
+    args = container.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return {}
+
+
+def _flat_state_dict(container: object) -> dict[str, Tensor] | None:
+    """The tensor dict inside a loaded file, or None when there is none."""
+    if not isinstance(container, dict):
+        return None
+    for key in ("state_dict", "teacher", "model"):
+        inner = container.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return inner
+    tensors = {k: v for k, v in container.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    return tensors or None
+
+
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def _find_encoder(state: dict[str, Tensor]) -> str | None:
+    """The prefix under which an ATST encoder's keys sit."""
+    candidates = {
+        key[: -len("pos_embed")]
+        for key in state
+        if key.endswith("pos_embed") and key[: -len("pos_embed")] + "blocks.0.attn.qkv.weight" in state
+    }
+    for prefix in ENCODER_PREFIXES:
+        if prefix in candidates:
+            return prefix
+    return candidates.pop() if len(candidates) == 1 else None
+
+
+def _rename(key: str, value: Tensor) -> tuple[str, Tensor]:
+    for pattern, replacement in _RENAMES:
+        if pattern.match(key):
+            if key == "patch_embed.proj.weight":  # Conv2d [D, 1, 64, 4] == Linear [D, 256]
+                value = value.reshape(value.shape[0], -1)
+            return pattern.sub(replacement, key), value
+    return key, value
+
+
+def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> EncoderConfig:
+    pos_type = hyper.get("pos_type", "cut")
+    if pos_type != "cut":
+        raise CheckpointError(f"{name}: positional embedding type {pos_type!r} is not supported (only 'cut')")
+    for key in ("pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise CheckpointError(f"{name}: the encoder has no {key!r} tensor")
+    dim = int(state["pos_embed"].shape[-1])
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    patch_dim = int(state["patch_embed.weight"].shape[1])
+    patch_h, patch_w = int(hyper.get("patch_h", 64)), int(hyper.get("patch_w", 4))
+    n_mels = int(hyper.get("n_mels", hyper.get("spec_h", 64)))
+    if (patch_h, patch_w, n_mels, patch_dim) != (64, 4, 64, 256):
+        raise CheckpointError(
+            f"{name}: patches of {patch_h} x {patch_w} over {n_mels} mel bins ({patch_dim} inputs per "
+            "token) are not supported; ATST models use 64 x 4 patches over 64 mel bins"
+        )
+    arch = {"ast": "small"}.get(hyper.get("arch"), hyper.get("arch"))
+    if arch in ENCODER_SIZES and ENCODER_SIZES[arch]["embed_dim"] == dim:
+        num_heads = ENCODER_SIZES[arch]["num_heads"]
+    else:
+        num_heads = max(1, dim // 64)  # every official factory uses 64-dimensional heads
+    prompts = state.get("prompt_embed")
+    return EncoderConfig(
+        cls_token="cls_token" in state,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_hidden_dim=int(state["blocks.0.mlp.fc1.weight"].shape[0]),
+        max_tokens=int(state["pos_embed"].shape[1]) - 1,
+        n_prompts=0 if prompts is None else int(prompts.shape[1]),
+    )
+
+
+def _expected_state(module_class, *args) -> dict[str, Tensor]:
+    """Key names and shapes of a module's state dict, without allocating its weights."""
+    with torch.device("meta"):
+        return module_class(*args).state_dict()
+
+
+def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], name: str, where: str) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:3]}")
+    if problems:
+        raise CheckpointError(
+            f"{name}: the {where} does not match an ATST encoder: " + "; ".join(problems)
+            + f" (expected {len(expected)} keys such as 'pos_embed', 'patch_embed.weight', 'blocks.0.attn.qkv.weight')"
+        )
+
+
+def parse_state_dict(
+    state_dict: dict[str, Tensor], hyper_parameters: dict | None = None, name: str = "state dict"
+) -> CheckpointContents:
+    """Locate the encoder (and C2F head) in a flat state dict and infer the model configuration."""
+    hyper = dict(hyper_parameters or {})
+    state = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    prefix = _find_encoder(state)
+    if prefix is None:
+        first = list(state_dict)[:5]
+        raise CheckpointError(
+            f"{name}: no ATST encoder found (first keys: {first}); expected an official checkpoint with "
+            "'model.teacher.encoder.*' (ATST-Clip/Frame) or 'model.student.*' (C2F), or a bare encoder "
+            "state dict with 'pos_embed', 'patch_embed.patch_embed.weight' and 'blocks.N.*'"
+        )
+    encoder_state = dict(_rename(k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
+    config = _encoder_config(encoder_state, hyper, name)
+    where = f"encoder under {prefix!r}" if prefix else "state dict"
+    _check_keys(encoder_state, _expected_state(ATSTEncoder, config), name, where)
+
+    head_state, num_classes = None, 0
+    kind = "clip" if config.cls_token else "frame"
+    if prefix == "model.student.":
+        kind = "c2f"
+        head_state = {k[len(C2F_HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(C2F_HEAD_PREFIX)}
+        if head_state:
+            if "linear.weight" not in head_state:
+                raise CheckpointError(f"{name}: the C2F head under {C2F_HEAD_PREFIX!r} has no 'linear.weight'")
+            num_classes = int(head_state["linear.weight"].shape[0])
+            _check_keys(head_state, _expected_state(TaggingHead, config.embed_dim, num_classes), name, "C2F head")
+        else:
+            head_state = None
+    model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes)
+    layout = f"{kind} encoder under {prefix!r}" if prefix else f"bare {kind} encoder"
+    return CheckpointContents(model_config, encoder_state, head_state, layout, hyper)
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
+    """Read an ATST checkpoint file (see the module docstring for the accepted layouts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r}: no such checkpoint file")
+    container = _torch_load(path)
+    state = _flat_state_dict(container)
+    if state is None:
+        raise CheckpointError(
+            f"{str(path)!r}: holds no tensors; expected a Lightning checkpoint with a 'state_dict' or a bare "
+            "encoder state dict"
+        )
+    return parse_state_dict(state, _hyper_parameters(container), name=repr(str(path)))

@@ -1,0 +1,243 @@
+"""The ATST transformer: one class for ATST-Frame (and the C2F student) and ATST-Clip.
+
+Both official encoders (``FrameAST`` and ``AST`` in github Audio-WestlakeU/audiossl) are a ViT over
+64 x 4 patches of the log-mel spectrogram (all mel bins x 4 frames = one token per 40 ms) with a
+learned "cut" positional table of 250 rows, pre-norm blocks and a final LayerNorm applied to every
+returned block. ATST-Clip prepends a CLS token (position row 0); ATST-Frame may prepend prompt
+tokens, which carry no position. Attention uses ``scaled_dot_product_attention`` with a boolean
+key-padding mask built from the number of valid tokens per item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ENCODER_SIZES", "EncoderConfig", "EncoderOutput", "ATSTEncoder"]
+
+# width, depth, heads of the official factories (head dimension 64, MLP ratio 4).
+ENCODER_SIZES = {
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of one ATST encoder.
+
+    ``cls_token=True`` is ATST-Clip (``AST``); ``False`` is ATST-Frame / C2F (``FrameAST``).
+    ``max_tokens`` is the length of the positional table without its row 0 (250 = 10 s).
+    """
+
+    cls_token: bool
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_hidden_dim: int = 3072
+    n_mels: int = 64
+    patch_frames: int = 4
+    max_tokens: int = 250
+    n_prompts: int = 0
+    layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.cls_token and self.n_prompts:
+            raise ValueError("prompt tokens exist only in ATST-Frame encoders (cls_token=False)")
+
+    @classmethod
+    def of_size(cls, size: str, *, cls_token: bool, **overrides) -> "EncoderConfig":
+        """The official ``small`` / ``base`` / ``large`` architecture, e.g. ``of_size("base", cls_token=False)``."""
+        if size not in ENCODER_SIZES:
+            raise ValueError(f"unknown encoder size {size!r}; expected one of {sorted(ENCODER_SIZES)}")
+        dims = dict(ENCODER_SIZES[size])
+        dims["mlp_hidden_dim"] = 4 * dims["embed_dim"]
+        dims.update(overrides)
+        return cls(cls_token=cls_token, **dims)
+
+    @property
+    def n_special(self) -> int:
+        """Tokens in front of the patch tokens (the CLS token or the prompts)."""
+        return 1 if self.cls_token else self.n_prompts
+
+    @property
+    def patch_dim(self) -> int:
+        return self.n_mels * self.patch_frames
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EncoderOutput(NamedTuple):
+    """Outputs of the last ``n`` blocks, shallow to deep (lists of length ``n``).
+
+    ``tokens``: final-norm patch tokens ``[B, P, D]``; ``cls``: final-norm CLS ``[B, D]`` (ATST-Clip)
+    or None; ``prompts``: raw (un-normalised) prompt outputs ``[B, n_prompts, D]``, as the
+    reference uses them, or None.
+    """
+
+    tokens: list[Tensor]
+    cls: list[Tensor] | None
+    prompts: list[Tensor] | None
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + drop_path(attn(norm1(x)))``, then ``+ drop_path(mlp(norm2(x)))``."""
+
+    def __init__(self, config: EncoderConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = Attention(dim, config.num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(dim, config.mlp_hidden_dim)
+        self.drop_path = drop_path
+
+    def _drop(self, x: Tensor) -> Tensor:
+        """Stochastic depth (training only): drop the branch per sample, rescale the kept ones."""
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * torch.bernoulli(x.new_full(shape, keep)) / keep
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        x = x + self._drop(self.attn(self.norm1(x), key_mask))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class ATSTEncoder(nn.Module):
+    """ATST transformer over normalised log-mel spectrograms.
+
+    ``forward(mel [B, n_mels, T], n_tokens [B] | None, n_blocks, token_mask [B, P] | None)``:
+    ``P = T // 4`` patch tokens (trailing ``T % 4`` frames are dropped), at most ``max_tokens``.
+    ``n_tokens`` marks how many leading tokens of each item are valid (None: all); padded keys are
+    masked out of attention. ``token_mask`` (pretraining) replaces the marked patch embeddings by
+    ``mask_embed`` before positions are added.
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = nn.Linear(config.patch_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.max_tokens + 1, dim))
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        if config.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if config.n_prompts:
+            self.prompt_embed = nn.Parameter(torch.zeros(1, config.n_prompts, dim))
+        step = config.drop_path_rate / max(config.depth - 1, 1)
+        rates = [index * step for index in range(config.depth)]  # linspace(0, rate, depth)
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference initialisation: truncated normal (std 0.02) weights and embeddings, zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name in ("pos_embed", "mask_embed", "cls_token", "prompt_embed"):
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name), std=0.02, a=-2.0, b=2.0)
+
+    def patchify(self, mel: Tensor) -> Tensor:
+        """``[B, n_mels, T]`` -> ``[B, T // 4, n_mels * 4]``, element ``4 * mel_bin + frame_offset``."""
+        batch, n_mels, frames = mel.shape
+        if n_mels != self.config.n_mels:
+            raise ValueError(f"expected {self.config.n_mels} mel bins, got {n_mels}")
+        width = self.config.patch_frames
+        n_patches = frames // width
+        patches = mel[:, :, : n_patches * width].reshape(batch, n_mels, n_patches, width)
+        return patches.permute(0, 2, 1, 3).reshape(batch, n_patches, n_mels * width)
+
+    def forward(
+        self,
+        mel: Tensor,
+        n_tokens: Tensor | None = None,
+        n_blocks: int = 1,
+        token_mask: Tensor | None = None,
+    ) -> EncoderOutput:
+        cfg = self.config
+        if not 1 <= n_blocks <= cfg.depth:
+            raise ValueError(f"n_blocks must be in 1..{cfg.depth}, got {n_blocks}")
+        x = self.patch_embed(self.patchify(mel))
+        batch, n_patches, _ = x.shape
+        if n_patches > cfg.max_tokens:
+            raise ValueError(
+                f"{n_patches} tokens exceed the positional table ({cfg.max_tokens}); cut the input into windows"
+            )
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], self.mask_embed.to(x.dtype), x)
+        x = x + self.pos_embed[:, 1 : n_patches + 1]
+        if cfg.cls_token:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        elif cfg.n_prompts:
+            x = torch.cat([self.prompt_embed.expand(batch, -1, -1), x], dim=1)
+
+        key_mask = None
+        if n_tokens is not None:
+            positions = torch.arange(x.shape[1], device=x.device)
+            key_mask = positions[None, :] < (n_tokens.to(x.device) + cfg.n_special)[:, None]
+
+        special = cfg.n_special
+        tokens, cls_out, prompts = [], [], []
+        for index, block in enumerate(self.blocks):
+            x = block(x, key_mask)
+            if index < cfg.depth - n_blocks:
+                continue
+            if cfg.cls_token:
+                normed = self.norm(x)
+                cls_out.append(normed[:, 0])
+                tokens.append(normed[:, 1:])
+            else:
+                tokens.append(self.norm(x[:, special:]))
+                if special:
+                    prompts.append(x[:, :special])
+        return EncoderOutput(
+            tokens=tokens,
+            cls=cls_out if cfg.cls_token else None,
+            prompts=prompts if cfg.n_prompts else None,
+        )

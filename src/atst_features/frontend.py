@@ -1,0 +1,164 @@
+"""Waveform -> normalised log-mel spectrogram, exactly as the ATST reference computes it.
+
+The reference chains torchaudio's ``MelSpectrogram`` -> ``AmplitudeToDB(top_db=80)`` -> ``MinMax``.
+This module reproduces that chain with plain torch (no torchaudio), batched, with per-item lengths:
+each item is reflect-padded at its own end, and its 80 dB floor is measured over its own frames only,
+so a padded batch gives the same spectrogram as one item at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Parameters of the log-mel front end (defaults: every official ATST model)."""
+
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    win_length: int = 1024
+    hop_length: int = 160
+    n_mels: int = 64
+    f_min: float = 60.0
+    f_max: float = 7800.0
+    top_db: float = 80.0
+    db_min: float = -79.6482
+    db_max: float = 50.6842
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _hz_to_mel(hz: Tensor) -> Tensor:
+    return 2595.0 * torch.log10(1.0 + hz / 700.0)
+
+
+def _mel_to_hz(mel: Tensor) -> Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def mel_filterbank(config: FrontendConfig) -> Tensor:
+    """HTK triangular filters without area normalisation, float32 ``[n_fft // 2 + 1, n_mels]``."""
+    n_freqs = config.n_fft // 2 + 1
+    freqs = torch.linspace(0.0, config.sample_rate // 2, n_freqs, dtype=torch.float64)
+    mel_edges = torch.linspace(
+        _hz_to_mel(torch.tensor(config.f_min, dtype=torch.float64)).item(),
+        _hz_to_mel(torch.tensor(config.f_max, dtype=torch.float64)).item(),
+        config.n_mels + 2,
+        dtype=torch.float64,
+    )
+    hz_edges = _mel_to_hz(mel_edges)
+    widths = hz_edges[1:] - hz_edges[:-1]
+    slopes = hz_edges[None, :] - freqs[:, None]  # [n_freqs, n_mels + 2]
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    return torch.clamp(torch.minimum(rising, falling), min=0.0).to(torch.float32)
+
+
+class LogMelFrontend(torch.nn.Module):
+    """Batched log-mel front end.
+
+    ``forward(waveforms [B, N] float, n_samples [B] int | None) -> (mel [B, n_mels, T], n_frames [B])``
+    with ``T = 1 + N // hop_length`` frames, frame ``j`` centred on sample ``hop_length * j``.
+    Values are MinMax-normalised dB (roughly -1.3 for silence to +1); frames past an item's own
+    length hold the value digital silence has in that item. Computation is always float32,
+    whatever the module's dtype.
+    """
+
+    # Frames computed per STFT call: bounds the complex intermediate on hour-long inputs.
+    frames_per_block = 6000
+
+    def __init__(self, config: FrontendConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or FrontendConfig()
+        if self.config.win_length > self.config.n_fft:
+            raise ValueError("win_length must not exceed n_fft")
+        # Kept out of the state dict (they follow from the config) and out of .to(dtype):
+        # a bfloat16 Hann window would change the spectrogram.
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input the reflect padding of a centred STFT accepts (513 samples at defaults)."""
+        return self.config.n_fft // 2 + 1
+
+    def n_frames(self, n_samples: Tensor | int) -> Tensor | int:
+        """Number of spectrogram frames for a waveform of ``n_samples`` samples."""
+        return 1 + n_samples // self.config.hop_length
+
+    def _window_and_filters(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._constants:
+            cfg = self.config
+            window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float64)
+            left = (cfg.n_fft - cfg.win_length) // 2  # torch.stft centres a short window
+            window = torch.nn.functional.pad(window, (left, cfg.n_fft - cfg.win_length - left))
+            self._constants[device] = (
+                window.to(device=device, dtype=torch.float32),
+                mel_filterbank(cfg).to(device),
+            )
+        return self._constants[device]
+
+    def _reflect_pad(self, waveforms: Tensor, n_samples: Tensor) -> Tensor:
+        """Reflect-pad every item by ``n_fft // 2`` at its start and at its own end."""
+        pad = self.config.n_fft // 2
+        batch, width = waveforms.shape
+        padded = waveforms.new_zeros(batch, width + 2 * pad)
+        padded[:, pad : pad + width] = waveforms
+        offsets = torch.arange(1, pad + 1, device=waveforms.device)
+        padded[:, :pad] = waveforms[:, offsets.flip(0)]
+        # Right edge of item i: x[N_i - 2], x[N_i - 3], ..., x[N_i - 1 - pad] at N_i + pad, ...
+        source = (n_samples[:, None] - 1 - offsets[None, :]).clamp(min=0)
+        target = n_samples[:, None] + pad + offsets[None, :] - 1
+        padded.scatter_(1, target, torch.gather(waveforms, 1, source))
+        return padded
+
+    def forward(self, waveforms: Tensor, n_samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if waveforms.ndim != 2:
+            raise ValueError(f"expected waveforms [batch, samples], got shape {tuple(waveforms.shape)}")
+        cfg = self.config
+        batch, width = waveforms.shape
+        device = waveforms.device
+        if n_samples is None:
+            n_samples = torch.full((batch,), width, dtype=torch.long, device=device)
+        n_samples = n_samples.to(device=device, dtype=torch.long)
+        if int(n_samples.min()) < self.min_samples:
+            raise ValueError(
+                f"every waveform needs at least {self.min_samples} samples for the centred STFT; "
+                f"got {int(n_samples.min())}"
+            )
+        window, filters = self._window_and_filters(device)
+        padded = self._reflect_pad(waveforms.to(torch.float32), n_samples)
+
+        total_frames = self.n_frames(width)
+        mel = torch.empty(batch, cfg.n_mels, total_frames, dtype=torch.float32, device=device)
+        for first in range(0, total_frames, self.frames_per_block):
+            last = min(first + self.frames_per_block, total_frames)
+            segment = padded[:, first * cfg.hop_length : (last - 1) * cfg.hop_length + cfg.n_fft]
+            spec = torch.stft(
+                segment,
+                n_fft=cfg.n_fft,
+                hop_length=cfg.hop_length,
+                window=window,
+                center=False,
+                return_complex=True,
+            )
+            power = spec.real.square() + spec.imag.square()  # [B, n_freqs, frames]
+            mel[:, :, first:last] = torch.matmul(filters.T, power)
+
+        amin = 1e-10
+        db = 10.0 * torch.log10(torch.clamp(mel, min=amin))
+        n_frames = self.n_frames(n_samples)
+        valid = torch.arange(total_frames, device=device)[None, :] < n_frames[:, None]  # [B, T]
+        peak = db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2))
+        floor = (peak - cfg.top_db)[:, None, None]
+        silence = torch.clamp(floor, min=10.0 * math.log10(amin))  # what digital silence becomes
+        db = torch.where(valid[:, None, :], torch.maximum(db, floor), silence)
+        normalised = (db - cfg.db_min) / (cfg.db_max - cfg.db_min) * 2.0 - 1.0
+        return normalised, n_frames

@@ -1,0 +1,330 @@
+"""ATSTModel: front end + encoder + pooling, from audio to clip and frame embeddings.
+
+Long audio is cut into windows of the spectrogram that fit the positional table: 1000 frames
+(250 tokens, 10 s) for frame embeddings and ATST-Frame clip embeddings, 601 frames (6 s) for the
+ATST-Clip clip embedding, as its linear evaluation does. Windows of all items are run through the
+encoder together, in padded batches with key-padding masks, so a batch equals one-by-one calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .audio import to_waveforms
+from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
+from .frontend import FrontendConfig, LogMelFrontend
+
+__all__ = ["MODEL_KINDS", "ModelConfig", "TaggingHead", "ATSTModel"]
+
+MODEL_KINDS = ("frame", "clip", "c2f")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What an :class:`ATSTModel` is: its kind, encoder architecture, front end and head size.
+
+    ``kind``: ``"frame"`` (ATST-Frame), ``"clip"`` (ATST-Clip) or ``"c2f"`` (ATST-Frame distilled
+    from ATST-Clip); ``num_classes``: outputs of the C2F tagging head (0: no head).
+    """
+
+    kind: str
+    encoder: EncoderConfig
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.encoder.cls_token != (self.kind == "clip"):
+            raise ValueError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "encoder": self.encoder.to_dict(),
+            "frontend": self.frontend.to_dict(),
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return cls(
+            kind=data["kind"],
+            encoder=EncoderConfig(**data["encoder"]),
+            frontend=FrontendConfig(**data.get("frontend", {})),
+            num_classes=int(data.get("num_classes", 0)),
+        )
+
+
+class TaggingHead(nn.Module):
+    """The reference's ``LinearHead``: BatchNorm1d without affine parameters, then a Linear layer."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm(x))
+
+
+class _Window(NamedTuple):
+    item: int  # index of the waveform in the call
+    first_frame: int  # first spectrogram frame of the window in its item
+    n_frames: int  # valid frames in the window
+
+
+class ATSTModel(nn.Module):
+    """An ATST encoder with its front end; turns 16 kHz audio into embeddings.
+
+    Build it with :func:`atst_features.load_model`. ``audio`` arguments accept a tensor or array
+    ``[N]`` / ``[B, N]`` of floats in [-1, 1], a list of 1-D ones of different lengths, or a file
+    path; ``sample_rate`` is the rate of the given samples (default 16000; other rates are
+    resampled with soxr; files use their own rate). Results are on the model's device.
+    """
+
+    sample_rate = 16000
+    frame_window = 1000  # spectrogram frames per encoder window for frame embeddings (10 s)
+    clip_chunk = 601  # ATST-Clip clip-embedding chunk (6 s), as in the reference linear evaluation
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.frontend = LogMelFrontend(config.frontend)
+        self.encoder = ATSTEncoder(config.encoder)
+        self.head = TaggingHead(config.encoder.embed_dim, config.num_classes) if config.num_classes else None
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.encoder.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return self.config.encoder.depth
+
+    @property
+    def frame_hop_ms(self) -> int:
+        """Spacing of frame embeddings in milliseconds (one token = 4 spectrogram frames of 10 ms)."""
+        return self._frame_ms * self.config.encoder.patch_frames
+
+    @property
+    def _frame_ms(self) -> int:
+        return 1000 * self.config.frontend.hop_length // self.config.frontend.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.pos_embed.dtype
+
+    def frame_embedding_size(self, n_blocks: int = 12) -> int:
+        """Size of one frame embedding: ``n_blocks * embed_dim``."""
+        return self._check_n_blocks(n_blocks) * self.embed_dim
+
+    def clip_embedding_size(self, n_blocks: int = 12) -> int:
+        """Size of the clip embedding: ``2 * n_blocks * D`` for ATST-Clip (CLS and token mean) and
+        for ATST-Frame with prompt tokens (token mean and prompt mean), else ``n_blocks * D``."""
+        parts = 2 if self.config.encoder.cls_token or self.config.encoder.n_prompts else 1
+        return parts * self._check_n_blocks(n_blocks) * self.embed_dim
+
+    def _check_n_blocks(self, n_blocks: int) -> int:
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks <= self.depth:
+            raise ValueError(f"n_blocks must be an integer in 1..{self.depth}, got {n_blocks!r}")
+        return n_blocks
+
+    # ---------------------------------------------------------------- public API
+    def get_frame_embeddings(
+        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+    ) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
+        """Frame embeddings, one per 40 ms, and their timestamps (token centres, ``40 * i + 15`` ms).
+
+        Returns ``(embeddings [B, T, n_blocks * D], timestamps [B, T])`` for a tensor/array/path,
+        or per-item lists ``[T_i, n_blocks * D]`` and ``[T_i]`` for a list input. ``T = N // 640``
+        tokens for ``N`` samples at 16 kHz (at least 1). ``batch_size``: 10 s windows per encoder pass.
+        """
+        self._check_n_blocks(n_blocks)
+        waves, is_list = self._prepare(audio, sample_rate)
+        with self._inference():
+            counts = [self._n_tokens(wave) for wave in waves]
+            shape = (self.frame_embedding_size(n_blocks),)
+            if is_list:
+                outputs = [torch.empty(count, *shape, dtype=self.dtype, device=self.device) for count in counts]
+            else:  # equal lengths: write straight into the batch tensor
+                batch = torch.empty(len(waves), counts[0], *shape, dtype=self.dtype, device=self.device)
+                outputs = list(batch)
+            dim = self.embed_dim
+            for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
+                for row, window in enumerate(windows):
+                    first = window.first_frame // self.config.encoder.patch_frames
+                    target = outputs[window.item][first : first + n_tokens[row]]
+                    for block, tokens in enumerate(out.tokens):  # blocks side by side, shallow to deep
+                        target[:, block * dim : (block + 1) * dim] = tokens[row, : n_tokens[row]]
+            timestamps = [self._timestamps(count) for count in counts]
+        if is_list:
+            return outputs, timestamps
+        return batch, torch.stack(timestamps)
+
+    def get_clip_embedding(
+        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+    ) -> Tensor:
+        """One embedding per clip, ``[B, clip_embedding_size(n_blocks)]``.
+
+        ATST-Frame / C2F: per block (shallow to deep), the mean of the frame tokens over the whole
+        clip, followed by the mean raw prompt output when the model has prompts. ATST-Clip: the CLS
+        outputs of the last ``n_blocks`` blocks, then their token means, averaged over 6 s chunks
+        (a chunk after the first counts when it holds more than 3 s).
+        """
+        self._check_n_blocks(n_blocks)
+        waves, _ = self._prepare(audio, sample_rate)
+        with self._inference():
+            if self.config.encoder.cls_token:
+                embedding = self._clip_pooling(waves, n_blocks, batch_size)
+            else:
+                embedding = self._frame_pooling(waves, n_blocks, batch_size)
+        return embedding.to(self.dtype)
+
+    def get_tag_logits(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
+        """C2F tagging logits ``[B, num_classes]`` (AudioSet: 527; apply a sigmoid for probabilities):
+        the reference student head on the last block's clip embedding."""
+        if self.head is None:
+            raise ValueError(f"this {self.kind} model has no tagging head (only C2F checkpoints carry one)")
+        embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
+        with self._inference():
+            return self.head(embedding)
+
+    # ---------------------------------------------------------------- internals
+    def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:
+        """Validated 16 kHz waveforms on the model's device, zero-padded to the front end's minimum."""
+        waves, is_list = to_waveforms(audio, sample_rate, self.sample_rate)
+        minimum = self.frontend.min_samples
+        waves = [
+            nn.functional.pad(w, (0, minimum - w.numel())) if w.numel() < minimum else w for w in waves
+        ]
+        return [w.to(self.device, torch.float32) for w in waves], is_list
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and ``torch.inference_mode()`` for the duration of a call; restores the mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.train(was_training)
+
+    def _n_tokens(self, wave: Tensor) -> int:
+        return int(self.frontend.n_frames(wave.numel())) // self.config.encoder.patch_frames
+
+    def _timestamps(self, count: int) -> Tensor:
+        # Token i covers frames 4i..4i+3, centred at 10 * (4i + 1.5) ms = 40i + 15 ms.
+        centre = self._frame_ms * (self.config.encoder.patch_frames - 1) / 2
+        return torch.arange(count, device=self.device, dtype=torch.float32) * self.frame_hop_ms + centre
+
+    def _run_windows(
+        self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0
+    ) -> Iterator[tuple[list[_Window], list[int], EncoderOutput]]:
+        """Encode every item in windows of ``width`` frames; yield ``(windows, n_tokens, output)``.
+
+        A window after the first one is kept when it holds at least one token and more than
+        ``later_min_frames`` frames. Items are processed longest first in groups of about
+        ``batch_size`` windows, so the front end pads little and memory stays bounded.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        patch = self.config.encoder.patch_frames
+        order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
+        for group in self._groups(order, waves, width, batch_size):
+            lengths = torch.tensor([waves[i].numel() for i in group], device=self.device)
+            padded = nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
+            mel, n_frames = self.frontend(padded, lengths)
+            windows = []
+            for row, item in enumerate(group):
+                total = int(n_frames[row])
+                for first in range(0, total, width):
+                    frames = min(width, total - first)
+                    if frames >= patch and (first == 0 or frames > later_min_frames):
+                        windows.append((row, _Window(item, first, frames)))
+            windows.sort(key=lambda entry: -entry[1].n_frames)
+            for start in range(0, len(windows), batch_size):
+                batch = windows[start : start + batch_size]
+                frames = max(window.n_frames for _, window in batch)
+                stacked = mel.new_empty(len(batch), mel.shape[1], frames)
+                for slot, (row, window) in enumerate(batch):
+                    stacked[slot, :, : window.n_frames] = mel[row, :, window.first_frame : window.first_frame + window.n_frames]
+                    stacked[slot, :, window.n_frames :] = 0.0
+                n_tokens = [window.n_frames // patch for _, window in batch]
+                padded_keys = min(n_tokens) < frames // patch
+                token_counts = torch.tensor(n_tokens, device=self.device) if padded_keys else None
+                output = self.encoder(stacked.to(self.dtype), token_counts, n_blocks)
+                yield [window for _, window in batch], n_tokens, output
+
+    def _groups(self, order: list[int], waves: list[Tensor], width: int, batch_size: int) -> Iterator[list[int]]:
+        """Consecutive items of ``order`` whose windows add up to about ``batch_size`` (at least one item)."""
+        group, windows = [], 0
+        for item in order:
+            needed = -(-int(self.frontend.n_frames(waves[item].numel())) // width)
+            if group and windows + needed > batch_size:
+                yield group
+                group, windows = [], 0
+            group.append(item)
+            windows += needed
+        if group:
+            yield group
+
+    def _masked_token_sums(self, output: EncoderOutput, n_tokens: list[int]) -> Tensor:
+        """Per window and block, the sum of valid tokens: ``[W, n_blocks, D]`` float32."""
+        tokens = torch.stack(output.tokens, dim=1).float()  # [W, n, P, D]
+        valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < torch.tensor(
+            n_tokens, device=tokens.device
+        )[:, None]
+        return torch.einsum("wnpd,wp->wnd", tokens, valid.float())
+
+    def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
+        """ATST-Frame / C2F clip embedding: token-weighted means over all windows of each item."""
+        count, dim = len(waves), self.embed_dim
+        sums = torch.zeros(count, n_blocks, dim, device=self.device)
+        prompt_sums = torch.zeros_like(sums) if self.config.encoder.n_prompts else None
+        totals = torch.zeros(count, device=self.device)
+        for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
+            items = torch.tensor([w.item for w in windows], device=self.device)
+            weights = torch.tensor(n_tokens, device=self.device, dtype=torch.float32)
+            sums.index_add_(0, items, self._masked_token_sums(out, n_tokens))
+            totals.index_add_(0, items, weights)
+            if prompt_sums is not None:
+                prompts = torch.stack(out.prompts, dim=1).float().mean(dim=2)  # [W, n, D]
+                prompt_sums.index_add_(0, items, prompts * weights[:, None, None])
+        parts = [sums / totals[:, None, None]]
+        if prompt_sums is not None:
+            parts.append(prompt_sums / totals[:, None, None])
+        return torch.stack(parts, dim=2).reshape(count, -1)  # per block: [tokens, prompts]
+
+    def _clip_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
+        """ATST-Clip clip embedding: CLS and token means of each 6 s chunk, averaged over the chunks
+        that count (the first one, and later ones holding more than half a chunk)."""
+        count, dim = len(waves), self.embed_dim
+        cls_sums = torch.zeros(count, n_blocks, dim, device=self.device)
+        mean_sums = torch.zeros_like(cls_sums)
+        chunks = torch.zeros(count, device=self.device)
+        for windows, n_tokens, out in self._run_windows(
+            waves, self.clip_chunk, n_blocks, batch_size, later_min_frames=self.clip_chunk // 2
+        ):
+            items = torch.tensor([w.item for w in windows], device=self.device)
+            own_tokens = torch.tensor(n_tokens, device=self.device, dtype=torch.float32)
+            cls_sums.index_add_(0, items, torch.stack(out.cls, dim=1).float())
+            mean_sums.index_add_(0, items, self._masked_token_sums(out, n_tokens) / own_tokens[:, None, None])
+            chunks.index_add_(0, items, torch.ones_like(own_tokens))
+        scale = chunks[:, None, None]
+        return torch.cat([(cls_sums / scale).reshape(count, -1), (mean_sums / scale).reshape(count, -1)], dim=1)

@@ -1,0 +1,108 @@
+"""Shared fixtures: checkpoints rebuilt from the parity recipe, expected outputs, test audio."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+_spec = importlib.util.spec_from_file_location("parity_recipe", DATA / "recipe.py")
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+
+def recipe_state_dict(fmt: str, only_prefix: str = "") -> dict[str, torch.Tensor]:
+    """State dict of a fixture format (``tests/data/formats/<fmt>.json``), values from the recipe."""
+    spec = json.loads((DATA / "formats" / f"{fmt}.json").read_text())
+    return {
+        key: torch.from_numpy(recipe.tensor_for(key, shape))
+        for key, shape, _ in spec["state_dict"]
+        if key.startswith(only_prefix)
+    }
+
+
+def recipe_checkpoint(fmt: str, only_prefix: str = "") -> dict:
+    """The official-layout checkpoint of a fixture format: a Lightning dict, or a bare state dict."""
+    spec = json.loads((DATA / "formats" / f"{fmt}.json").read_text())
+    state = recipe_state_dict(fmt, only_prefix)
+    if "hyper_parameters" not in spec:
+        return state
+    return {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": spec["pytorch-lightning_version"],
+        "state_dict": state,
+        "hyper_parameters": spec["hyper_parameters"],
+    }
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def _saved(checkpoint_dir: Path, fmt: str) -> Path:
+    path = checkpoint_dir / f"{fmt}.ckpt"
+    if not path.exists():
+        torch.save(recipe_checkpoint(fmt), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def frame_small_ckpt(checkpoint_dir) -> Path:
+    """Official ATST-Frame small Lightning checkpoint layout (297 keys, hyper_parameters)."""
+    return _saved(checkpoint_dir, "atst_frame_small")
+
+
+@pytest.fixture(scope="session")
+def clip_small_ckpt(checkpoint_dir) -> Path:
+    """Official ATST-Clip small Lightning checkpoint layout (299 keys, hyper_parameters)."""
+    return _saved(checkpoint_dir, "atst_clip_small")
+
+
+@pytest.fixture(scope="session")
+def frame_prompt_ckpt(checkpoint_dir) -> Path:
+    """Bare ATST-Frame small encoder state dict with one prompt token."""
+    return _saved(checkpoint_dir, "atst_frame_small_nprompt1_encoder")
+
+
+@pytest.fixture(scope="session")
+def frame_small(frame_small_ckpt):
+    from atst_features import load_model
+
+    return load_model(frame_small_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clip_small(clip_small_ckpt):
+    from atst_features import load_model
+
+    return load_model(clip_small_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def frame_prompt(frame_prompt_ckpt):
+    from atst_features import load_model
+
+    return load_model(frame_prompt_ckpt, device="cpu")
+
+
+def expected(name: str) -> dict[str, np.ndarray]:
+    with np.load(DATA / f"expected_{name}.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def expected_frame_small():
+    return expected("atst_frame_small")
+
+
+def waveform(seconds: float, seed: int = 0) -> np.ndarray:
+    """Audio-like test signal from the parity recipe (tones, noise, 0.25 s of silence first)."""
+    return recipe.waveform(seconds, seed)
