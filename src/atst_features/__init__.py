@@ -2,6 +2,7 @@
 
 from .audio import AudioDecodeError, EmptyAudioError
 from .checkpoints import CheckpointError
+from .hub import ChecksumError, DownloadError, PretrainedModel, list_models
 from .loading import load_model
 from .model import ATSTModel
 
@@ -11,9 +12,13 @@ __all__ = [
     "ATSTModel",
     "AudioDecodeError",
     "CheckpointError",
+    "ChecksumError",
+    "DownloadError",
     "EmptyAudioError",
+    "PretrainedModel",
     "get_clip_embedding",
     "get_frame_embeddings",
+    "list_models",
     "load_model",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""``load_model``: turn a source (checkpoint file, ...) into a ready :class:`ATSTModel`."""
+"""``load_model``: turn a source (registry name, Hub id, folder, checkpoint file) into an ATSTModel."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointContents, read_checkpoint
+from .checkpoints import CheckpointContents, CheckpointError, read_checkpoint
+from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
 from .model import ATSTModel
+from .pretrained import is_pretrained_folder, read_pretrained
 
-__all__ = ["load_model", "model_from_contents"]
+__all__ = ["load_model", "model_from_contents", "read_source"]
+
+# A source with one of these suffixes is a file path, never a Hub id.
+CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
 
 
 def _default_device() -> torch.device:
@@ -25,26 +30,62 @@ def model_from_contents(contents: CheckpointContents) -> ATSTModel:
     model.encoder.load_state_dict(as_float(contents.encoder_state), strict=True, assign=True)
     if model.head is not None:
         model.head.load_state_dict(as_float(contents.head_state), strict=True, assign=True)
+    model.provenance = {"source_layout": contents.layout, "hyper_parameters": contents.hyper_parameters}
     return model.eval()
 
 
-def load_model(
+def _read_local(path: Path) -> CheckpointContents:
+    if path.is_dir():
+        if not is_pretrained_folder(path):
+            raise CheckpointError(f"{str(path)!r}: a folder without config.json is not an atst-features model folder")
+        return read_pretrained(path)
+    return read_checkpoint(path)
+
+
+def read_source(
     source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+) -> tuple[CheckpointContents, Path]:
+    """Parse any model source; returns the contents and the local file or folder they came from."""
+    path = Path(source)
+    if path.exists():
+        return _read_local(path), path
+    name = str(source)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        raise FileNotFoundError(f"{name!r}: no such checkpoint file")
+    if name in REGISTRY or looks_like_repo_id(name):
+        local = download(name, revision=revision, cache_dir=cache_dir, force_download=force_download)
+        return _read_local(local), local
+    raise FileNotFoundError(
+        f"{name!r} is not a file, a folder, a registry name ({', '.join(REGISTRY)}) or a Hub id (org/name)"
+    )
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
 ) -> ATSTModel:
-    """Load an ATST model for inference.
+    """Load an ATST model for inference, in eval mode.
 
-    ``source``: an official checkpoint file (ATST-Clip / ATST-Frame Lightning ``.ckpt``, the C2F
-    distillation checkpoint, a bare encoder state dict or an ATST-SED checkpoint). ``device``:
-    default CUDA when available, else CPU. ``dtype``: e.g. ``torch.bfloat16`` for the encoder
-    (the front end always computes in float32). The model is returned in eval mode.
+    ``source``: a registry name (see :func:`list_models`; default ``"atst-frame-base"``), a Hub
+    repository id in our format (``"org/name"``), a local folder in our format, or a checkpoint file
+    (official ATST-Frame / ATST-Clip Lightning checkpoint, C2F distillation checkpoint, fine-tuned,
+    ATST-SED or bare encoder state dict). ``revision``: a Hub branch, tag or commit to pin.
+    ``cache_dir``: the Hub cache (default from ``HF_HUB_CACHE`` / ``HF_HOME``). ``force_download``:
+    fetch again even if cached. ``device``: default CUDA when available, else CPU. ``dtype``: e.g.
+    ``torch.bfloat16`` for the encoder (the front end always computes in float32).
     """
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{str(source)!r}: no such checkpoint file")
-    model = model_from_contents(read_checkpoint(path))
+    contents, local = read_source(source, revision=revision, cache_dir=cache_dir, force_download=force_download)
+    model = model_from_contents(contents)
+    model.provenance["source_file"] = local.name
     model = model.to(device=torch.device(device) if device is not None else _default_device())
     if dtype is not None:
         model = model.to(dtype=dtype)

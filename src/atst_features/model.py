@@ -98,6 +98,24 @@ class ATSTModel(nn.Module):
         self.frontend = LogMelFrontend(config.frontend)
         self.encoder = ATSTEncoder(config.encoder)
         self.head = TaggingHead(config.encoder.embed_dim, config.num_classes) if config.num_classes else None
+        self.provenance: dict = {}  # where the weights came from; written by save_pretrained
+
+    def save_pretrained(self, directory, *, provenance: dict | None = None, license: str = "cc-by-4.0"):
+        """Write this model as a folder in the atst-features format (config.json, model.safetensors,
+        README.md model card); ``load_model(directory)`` reads it back. Returns the folder path."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, provenance=provenance or self.provenance, license=license)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, license: str = "cc-by-4.0") -> str:
+        """Save this model and upload it to a Hugging Face Hub repository; returns the commit id."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, license=license)
+            return push_to_hub(folder, repo_id, private=private)
 
     # ---------------------------------------------------------------- sizes
     @property
