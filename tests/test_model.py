@@ -241,3 +241,17 @@ def test_cuda_matches_cpu(frame_small_ckpt):
     assert emb.device.type == "cuda" and stamps.device.type == "cuda"
     ref, _ = cpu.get_frame_embeddings(audio)
     torch.testing.assert_close(emb.cpu(), ref, rtol=0, atol=1e-3)
+
+
+def test_iter_frame_embeddings_equals_get_frame_embeddings(frame_small):
+    audio = waveform(31.0, 14)
+    whole, stamps = frame_small.get_frame_embeddings(audio, n_blocks=2)
+    stream = frame_small.iter_frame_embeddings(audio, n_blocks=2, batch_size=2)
+    pieces = [next(stream)]
+    assert not torch.is_inference_mode_enabled()  # not leaked to the caller between pieces
+    pieces += list(stream)
+    assert [first for first, _, _ in pieces] == [0, 250, 500, 750]
+    torch.testing.assert_close(torch.cat([p for _, p, _ in pieces]), whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([t for _, _, t in pieces]), stamps[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="takes one clip"):
+        next(frame_small.iter_frame_embeddings([audio, audio]))

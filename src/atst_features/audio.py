@@ -6,6 +6,7 @@ Every conversion of channels and sample rate in the package goes through this mo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,35 @@ import soxr
 import torch
 from torch import Tensor
 
-__all__ = ["AudioDecodeError", "EmptyAudioError", "load_audio", "resample", "to_waveforms"]
+__all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "load_audio", "resample", "to_waveforms"]
+
+BLOCK_FRAMES = 1 << 18  # frames decoded at a time (about 6 s at 44.1 kHz): bounds memory on long files
+CONVERT_HINT = "convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"
 
 
 class AudioDecodeError(ValueError):
-    """A file that libsndfile cannot read: missing, unreadable, corrupt or an unsupported format."""
+    """A file that cannot be decoded: missing, a directory, unreadable, corrupt or an unsupported format."""
 
 
 class EmptyAudioError(ValueError):
     """Audio with no samples."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the file held before conversion to mono ``target_rate``."""
+
+    path: str
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio decoded."""
+        return self.frames / self.sample_rate
 
 
 def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
@@ -33,11 +54,19 @@ def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarr
     return soxr.resample(waveform, orig_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(path: str | os.PathLike, target_rate: int | None = 16000) -> tuple[np.ndarray, int]:
-    """Decode a file to a float32 mono waveform ``[N]`` (channels averaged).
+def _decode_error(path: Path, err: Exception) -> AudioDecodeError:
+    reason = str(err).replace(f"Error opening {str(path)!r}: ", "").strip().rstrip(".") or type(err).__name__
+    return AudioDecodeError(f"{str(path)!r}: cannot decode ({reason}); {CONVERT_HINT}")
 
-    Resampled to ``target_rate`` Hz unless it is None. Returns ``(waveform, rate)``.
-    Raises :class:`AudioDecodeError` (with libsndfile's reason) or :class:`EmptyAudioError`.
+
+def load_audio(path: str | os.PathLike, target_rate: int | None = 16000) -> tuple[np.ndarray, AudioInfo]:
+    """Decode a file to a float32 mono waveform ``[N]``: channels averaged, resampled to ``target_rate``
+    Hz with soxr (None: keep the file's rate). Reads in blocks, so memory stays near the size of the
+    output even for long multichannel files. Returns ``(waveform, info)``.
+
+    Raises :class:`AudioDecodeError` (with libsndfile's reason and a conversion hint) for missing,
+    unreadable, corrupt, truncated or unsupported files, and :class:`EmptyAudioError` for files
+    without samples. Formats: whatever libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3, AIFF, ...).
     """
     path = Path(path)
     if path.is_dir():
@@ -45,19 +74,49 @@ def load_audio(path: str | os.PathLike, target_rate: int | None = 16000) -> tupl
     if not path.exists():
         raise AudioDecodeError(f"{str(path)!r}: no such file")
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
-        reason = str(err).replace(f"Error opening {str(path)!r}: ", "")
+        with soundfile.SoundFile(str(path)) as handle:
+            info = AudioInfo(str(path), handle.samplerate, handle.channels, handle.frames, handle.format, handle.subtype)
+            if info.frames == 0:
+                raise EmptyAudioError(f"{str(path)!r}: the file holds no audio samples")
+            rate = target_rate or info.sample_rate
+            stream = (
+                soxr.ResampleStream(info.sample_rate, rate, 1, dtype="float32", quality="HQ")
+                if rate != info.sample_rate
+                else None
+            )
+            out = np.empty(int(np.ceil(info.frames * rate / info.sample_rate)) + 16, dtype=np.float32)
+            filled = decoded = 0
+            # Not SoundFile.blocks(): it zero-fills a stream that ends before its header says.
+            while len(block := handle.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+                decoded += len(block)
+                mono = block.mean(axis=1, dtype=np.float32) if info.channels > 1 else block[:, 0]
+                chunk = stream.resample_chunk(mono, last=False) if stream else mono
+                out, filled = _append(out, filled, chunk)
+            if stream:
+                out, filled = _append(out, filled, stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    except (EmptyAudioError, AudioDecodeError):
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError) as err:
+        raise _decode_error(path, err) from None
+    if decoded < 0.99 * info.frames:  # e.g. a cut MP3 whose header still promises the whole stream
         raise AudioDecodeError(
-            f"{str(path)!r}: cannot decode ({reason}); convert it to WAV, FLAC, OGG or MP3, "
-            "e.g. ffmpeg -i INPUT -ar 16000 -ac 1 OUTPUT.wav"
-        ) from None
-    if data.shape[0] == 0:
+            f"{str(path)!r}: truncated or corrupt (the header promises {info.frames} samples, "
+            f"{decoded} could be decoded); {CONVERT_HINT}"
+        )
+    if filled == 0:
         raise EmptyAudioError(f"{str(path)!r}: the file holds no audio samples")
-    mono = data.mean(axis=1, dtype=np.float32)
-    if target_rate is not None and rate != target_rate:
-        mono, rate = resample(mono, rate, target_rate), target_rate
-    return mono, rate
+    info = AudioInfo(info.path, info.sample_rate, info.channels, decoded, info.format, info.subtype)
+    return out[:filled], info
+
+
+def _append(buffer: np.ndarray, filled: int, chunk: np.ndarray) -> tuple[np.ndarray, int]:
+    end = filled + len(chunk)
+    if end > len(buffer):  # the header under-reported the length (possible for compressed formats)
+        grown = np.empty(max(end, int(len(buffer) * 1.5)), dtype=np.float32)
+        grown[:filled] = buffer[:filled]
+        buffer = grown
+    buffer[filled:end] = chunk
+    return buffer, end
 
 
 def _as_float_tensor(item, what: str) -> Tensor:
@@ -97,13 +156,13 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = 16000) -> tu
     if sample_rate is not None and (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if isinstance(audio, (str, os.PathLike)):
-        waveform, file_rate = load_audio(audio, target_rate=None)
-        if sample_rate is not None and sample_rate != file_rate:
+        waveform, info = load_audio(audio, target_rate=target_rate)
+        if sample_rate is not None and sample_rate != info.sample_rate:
             raise ValueError(
-                f"sample_rate={sample_rate} contradicts the file {str(audio)!r} ({file_rate} Hz); "
+                f"sample_rate={sample_rate} contradicts the file {str(audio)!r} ({info.sample_rate} Hz); "
                 "leave sample_rate unset for files"
             )
-        return [torch.from_numpy(resample(waveform, file_rate, target_rate))], False
+        return [torch.from_numpy(waveform)], False
 
     rate = target_rate if sample_rate is None else int(sample_rate)
     if isinstance(audio, (list, tuple)):

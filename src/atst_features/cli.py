@@ -1,4 +1,4 @@
-"""Command-line tools: ``atst-convert`` and ``atst-models``.
+"""Command-line tools: ``atst-embed``, ``atst-convert`` and ``atst-models``.
 
 Expected failures (a bad file, no network, a refused overwrite) end with one ``Error: ...`` line
 and exit code 1 (2 for usage errors), never a traceback.
@@ -9,16 +9,23 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import signal
+import sys
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .audio import AudioDecodeError
+from .audio import AudioDecodeError, load_audio
 from .checkpoints import CheckpointError
-from .hub import ChecksumError, DownloadError, list_models, push_to_hub, sha256_of
+from .hub import DEFAULT_MODEL, ChecksumError, DownloadError, list_models, push_to_hub, sha256_of
+from .inputs import AudioInput, InputError, find_inputs
+from .outputs import FORMATS, FrameStream, output_files, write_outputs
 
 EXPECTED_ERRORS = (CheckpointError, ChecksumError, DownloadError, AudioDecodeError, FileNotFoundError, ValueError, OSError)
 
@@ -129,3 +136,251 @@ def models(as_json: bool) -> None:
             f"{entry.clip_embedding_size():>6}  {entry.repo_id:<32} {entry.license}"
         )
     click.echo("\nframe / clip: embedding sizes with all 12 blocks (n_blocks=1: divide by 12).")
+
+
+# ---------------------------------------------------------------------------------------------- atst-embed
+LEVEL_KEYS = {"clip": ["clip"], "frame": ["frame", "timestamps"], "both": ["clip", "frame", "timestamps"]}
+STREAM_BYTES = 256 * 2**20  # frame outputs larger than this are streamed to disk, not held in memory
+
+
+def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None) -> Path:
+    if output is not None:
+        return output.with_name(output.stem)
+    if output_dir is not None:
+        return output_dir / item.relative.parent / item.relative.stem
+    return item.path.with_name(item.path.stem)
+
+
+def _decode(path: Path) -> np.ndarray:
+    waveform, _ = load_audio(path, target_rate=16000)
+    if not np.isfinite(waveform).all():
+        raise AudioDecodeError(f"{str(path)!r}: contains NaN or Inf samples")
+    return waveform
+
+
+def _decoded(items: list[AudioInput], workers: int):
+    """Yield ``(item, waveform or exception)`` in order, decoding ahead in ``workers`` threads."""
+    if workers == 0:
+        for item in items:
+            try:
+                yield item, _decode(item.path)
+            except Exception as error:  # noqa: BLE001 - reported per file, the batch goes on
+                yield item, error
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="atst-decode") as pool:
+        pending: list[tuple[AudioInput, Future]] = []
+        upcoming = iter(items)
+        try:
+            while True:
+                while len(pending) < 2 * workers and (item := next(upcoming, None)) is not None:
+                    pending.append((item, pool.submit(_decode, item.path)))
+                if not pending:
+                    return
+                item, future = pending.pop(0)
+                error = future.exception()
+                yield item, error if error is not None else future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+class _Run:
+    """Counts, progress and per-file reporting of one atst-embed run."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.done = self.failed = 0
+        self.seconds = 0.0
+        self.started = time.perf_counter()
+        self.quiet = quiet
+        self.bar = tqdm(total=total, unit="file", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def succeeded(self, audio_seconds: float) -> None:
+        self.done += 1
+        self.seconds += audio_seconds
+        hours = self.seconds / 3600
+        rate = hours / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{hours:.3f} h audio, {rate:.4f} h/s", refresh=False)
+        self.bar.update()
+
+    def error(self, item: AudioInput, error: BaseException) -> None:
+        self.failed += 1
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if str(item.path) not in message:
+            message = f"{str(item.path)!r}: {message}"
+        tqdm.write(f"error: {message}", file=sys.stderr)
+        self.bar.update()
+
+    def summary(self, skipped: int) -> str:
+        elapsed = time.perf_counter() - self.started
+        return (
+            f"{self.done} embedded ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
+            f"{skipped} skipped (outputs exist), {self.failed} failed"
+        )
+
+
+def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
+    waves = [waveform for _, waveform in batch]
+    try:
+        clips = model.get_clip_embedding(waves, n_blocks=n_blocks, batch_size=batch_size) if level != "frame" else None
+        frames, stamps = (
+            model.get_frame_embeddings(waves, n_blocks=n_blocks, batch_size=batch_size)
+            if level != "clip"
+            else (None, None)
+        )
+    except (*EXPECTED_ERRORS, RuntimeError) as error:  # e.g. out of memory: every file of the batch failed
+        for item, _ in batch:
+            run.error(item, error)
+        return
+    for index, (item, waveform) in enumerate(batch):
+        arrays = {}
+        if clips is not None:
+            arrays["clip"] = clips[index]
+        if frames is not None:
+            arrays.update(frame=frames[index], timestamps=stamps[index])
+        try:
+            write(item, arrays, None)
+        except OSError as error:
+            run.error(item, error)
+        else:
+            run.succeeded(len(waveform) / 16000)
+
+
+def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base) -> None:
+    """One long file: frame embeddings appended to a file on disk, piece by piece."""
+    tokens = int(model.frontend.n_frames(len(waveform))) // model.config.encoder.patch_frames
+    stream = FrameStream(base, (tokens, model.frame_embedding_size(n_blocks)))
+    try:
+        timestamps = []
+        for first, piece, stamps in model.iter_frame_embeddings(waveform, n_blocks=n_blocks, batch_size=batch_size):
+            stream.write(first, piece)
+            timestamps.append(stamps)
+        stream.finish()
+        arrays = {"timestamps": torch.cat(timestamps)}
+        if level == "both":
+            arrays["clip"] = model.get_clip_embedding(waveform, n_blocks=n_blocks, batch_size=batch_size)[0]
+        write(item, arrays, stream)
+    except BaseException:
+        stream.discard()
+        raise
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one audio path per line, or a CSV/TSV with a 'path' column.")
+@click.option("--level", type=click.Choice(["clip", "frame", "both"]), default="clip", show_default=True,
+              help="Clip embeddings, frame embeddings (one per 40 ms, with timestamps) or both.")
+@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+              help="Registry name (atst-models), Hub id, model folder or checkpoint file.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--n-blocks", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Concatenate the outputs of the last N transformer blocks.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="10 s windows per encoder pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Threads decoding audio ahead of the model (0: decode in the main thread).")
+@click.option("-d", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write outputs here, mirroring the input folders [default: beside each input].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file for a single input (.npz or .pt).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format [default: npz].")
+@click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (default: skip them, so a rerun resumes).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
+def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_size, num_workers, output_dir, output,
+          fmt, overwrite, quiet) -> None:
+    """Embed audio files with an ATST model.
+
+    INPUTS are audio files, folders (searched recursively for audio files) or glob patterns
+    (quote them: 'data/**/*.flac'). Outputs hold float32 arrays: clip [E], frame [T, D] and
+    timestamps [T] (ms, token centres); see the README for the layout of each format.
+    Exit status: 0 when every file was embedded (or skipped), 1 when some failed, 2 for usage errors.
+    """
+    if not inputs and manifest is None:
+        raise click.UsageError("give audio files, folders or glob patterns, or --manifest FILE")
+    if output is not None:
+        if output_dir is not None:
+            raise click.UsageError("use either -o/--output (one input) or -d/--output-dir, not both")
+        suffix = output.suffix.lstrip(".")
+        if suffix not in ("npz", "pt") or (fmt is not None and fmt != suffix):
+            raise click.UsageError("-o/--output takes a .npz or .pt file (for npy use --output-dir)")
+        fmt = suffix
+    fmt = fmt or "npz"
+    try:
+        items = find_inputs(list(inputs), manifest)
+    except (InputError, OSError) as error:
+        raise click.UsageError(str(error)) from None
+    if not items:
+        raise click.UsageError(f"no audio files found in {', '.join(inputs) or str(manifest)}")
+    if output is not None and len(items) != 1:
+        raise click.UsageError(f"-o/--output takes exactly one input, got {len(items)}; use --output-dir")
+
+    keys = LEVEL_KEYS[level]
+    bases = {item: _output_base(item, output_dir, output) for item in items}
+    owners: dict[Path, AudioInput] = {}
+    for item, base in bases.items():
+        for path in output_files(base, fmt, keys):
+            if path in owners:
+                raise click.UsageError(f"{str(owners[path].path)!r} and {str(item.path)!r} would both write {str(path)!r}")
+            owners[path] = item
+    todo = [item for item in items if overwrite or not all(p.exists() for p in output_files(bases[item], fmt, keys))]
+    skipped = len(items) - len(todo)
+    run = _Run(len(todo), quiet)
+    if not todo:
+        run.bar.close()
+        if not quiet:
+            click.echo(run.summary(skipped), err=True)
+        return
+    try:
+        from .loading import load_model
+
+        model = load_model(model_name, device=device, dtype=getattr(torch, dtype))
+    except (*EXPECTED_ERRORS, RuntimeError) as error:
+        run.bar.close()
+        raise click.ClickException(str(error).splitlines()[0]) from None
+    if n_blocks > model.depth:
+        run.bar.close()
+        raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
+    metadata = {"model": str(model_name), "n_blocks": n_blocks}
+
+    def write(item, arrays, frames) -> None:
+        write_outputs(bases[item], fmt, arrays, metadata, frames)
+
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        batch, windows = [], 0
+        for item, result in _decoded(todo, num_workers):
+            if isinstance(result, BaseException):
+                run.error(item, result)
+                continue
+            frame_bytes = len(result) / 640 * model.frame_embedding_size(n_blocks) * 4
+            if level != "clip" and frame_bytes > STREAM_BYTES:
+                try:
+                    _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])
+                except (*EXPECTED_ERRORS, RuntimeError) as error:
+                    run.error(item, error)
+                else:
+                    run.succeeded(len(result) / 16000)
+                continue
+            batch.append((item, result))
+            windows += 1 + len(result) // 160_000
+            if windows >= batch_size:
+                _embed_batch(model, batch, level, n_blocks, batch_size, write, run)
+                batch, windows = [], 0
+        if batch:
+            _embed_batch(model, batch, level, n_blocks, batch_size, write, run)
+    except KeyboardInterrupt:
+        run.bar.close()
+        click.echo(f"interrupted: {run.summary(skipped)}; rerun the same command to finish", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run.bar.close()
+    if not quiet:
+        click.echo(run.summary(skipped), err=True)
+    if run.failed:
+        sys.exit(1)

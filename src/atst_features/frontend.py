@@ -105,19 +105,16 @@ class LogMelFrontend(torch.nn.Module):
             )
         return self._constants[device]
 
-    def _reflect_pad(self, waveforms: Tensor, n_samples: Tensor) -> Tensor:
-        """Reflect-pad every item by ``n_fft // 2`` at its start and at its own end."""
+    def _padded_segment(self, waveforms: Tensor, n_samples: Tensor, start: int, stop: int) -> Tensor:
+        """Samples ``start:stop`` of every item reflect-padded by ``n_fft // 2`` at its start and at its
+        own end (what ``torch.stft(center=True)`` pads), built per segment: no padded copy of a long input."""
         pad = self.config.n_fft // 2
-        batch, width = waveforms.shape
-        padded = waveforms.new_zeros(batch, width + 2 * pad)
-        padded[:, pad : pad + width] = waveforms
-        offsets = torch.arange(1, pad + 1, device=waveforms.device)
-        padded[:, :pad] = waveforms[:, offsets.flip(0)]
-        # Right edge of item i: x[N_i - 2], x[N_i - 3], ..., x[N_i - 1 - pad] at N_i + pad, ...
-        source = (n_samples[:, None] - 1 - offsets[None, :]).clamp(min=0)
-        target = n_samples[:, None] + pad + offsets[None, :] - 1
-        padded.scatter_(1, target, torch.gather(waveforms, 1, source))
-        return padded
+        index = torch.arange(start - pad, stop - pad, device=waveforms.device)[None, :].expand(len(waveforms), -1)
+        last = (n_samples - 1)[:, None]
+        index = torch.where(index < 0, -index, index)  # left edge: x[1], x[2], ... mirrored
+        index = torch.where(index > last, 2 * last - index, index)  # right edge: x[N-2], x[N-3], ...
+        inside = (index >= 0) & (index <= last)
+        return torch.where(inside, torch.gather(waveforms, 1, index.clamp(0, waveforms.shape[1] - 1)), 0.0)
 
     def forward(self, waveforms: Tensor, n_samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if waveforms.ndim != 2:
@@ -134,13 +131,15 @@ class LogMelFrontend(torch.nn.Module):
                 f"got {int(n_samples.min())}"
             )
         window, filters = self._window_and_filters(device)
-        padded = self._reflect_pad(waveforms.to(torch.float32), n_samples)
+        waveforms = waveforms.to(torch.float32)
 
         total_frames = self.n_frames(width)
         mel = torch.empty(batch, cfg.n_mels, total_frames, dtype=torch.float32, device=device)
         for first in range(0, total_frames, self.frames_per_block):
             last = min(first + self.frames_per_block, total_frames)
-            segment = padded[:, first * cfg.hop_length : (last - 1) * cfg.hop_length + cfg.n_fft]
+            segment = self._padded_segment(
+                waveforms, n_samples, first * cfg.hop_length, (last - 1) * cfg.hop_length + cfg.n_fft
+            )
             spec = torch.stft(
                 segment,
                 n_fft=cfg.n_fft,
@@ -150,15 +149,16 @@ class LogMelFrontend(torch.nn.Module):
                 return_complex=True,
             )
             power = spec.real.square() + spec.imag.square()  # [B, n_freqs, frames]
-            mel[:, :, first:last] = torch.matmul(filters.T, power)
+            torch.matmul(filters.T, power, out=mel[:, :, first:last])
 
+        # In place from here on: for an hour of audio each copy of `mel` would be about 90 MB.
         amin = 1e-10
-        db = 10.0 * torch.log10(torch.clamp(mel, min=amin))
+        db = mel.clamp_(min=amin).log10_().mul_(10.0)
         n_frames = self.n_frames(n_samples)
-        valid = torch.arange(total_frames, device=device)[None, :] < n_frames[:, None]  # [B, T]
-        peak = db.masked_fill(~valid[:, None, :], -math.inf).amax(dim=(1, 2))
-        floor = (peak - cfg.top_db)[:, None, None]
-        silence = torch.clamp(floor, min=10.0 * math.log10(amin))  # what digital silence becomes
-        db = torch.where(valid[:, None, :], torch.maximum(db, floor), silence)
-        normalised = (db - cfg.db_min) / (cfg.db_max - cfg.db_min) * 2.0 - 1.0
+        silence = 10.0 * math.log10(amin)  # what digital silence becomes, unless the floor is higher
+        for row, frames in enumerate(n_frames.tolist()):
+            floor = db[row, :, :frames].max() - cfg.top_db
+            db[row, :, :frames].clamp_(min=floor)
+            db[row, :, frames:] = torch.clamp(floor, min=silence)
+        normalised = db.sub_(cfg.db_min).div_(cfg.db_max - cfg.db_min).mul_(2.0).sub_(1.0)
         return normalised, n_frames

@@ -194,6 +194,36 @@ class ATSTModel(nn.Module):
             return outputs, timestamps
         return batch, torch.stack(timestamps)
 
+    def iter_frame_embeddings(
+        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Frame embeddings of one clip, in time order, ``batch_size`` windows (10 s each) at a time.
+
+        Yields ``(first_index, embeddings [k, n_blocks * D], timestamps [k])``: for hour-long audio,
+        write each piece out instead of holding ``[T, n_blocks * D]`` in memory.
+        """
+        self._check_n_blocks(n_blocks)
+        waves, is_list = self._prepare(audio, sample_rate)
+        if is_list or len(waves) != 1:
+            raise ValueError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
+        dim, patch = self.embed_dim, self.config.encoder.patch_frames
+        batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size)
+        while True:
+            # Inference and eval mode only while computing, never while suspended at a yield.
+            with self._inference():
+                try:
+                    windows, n_tokens, out = next(batches)
+                except StopIteration:
+                    return
+                pieces = []
+                for row, window in enumerate(windows):  # one clip: windows come in time order
+                    first, count = window.first_frame // patch, n_tokens[row]
+                    piece = torch.empty(count, n_blocks * dim, dtype=self.dtype, device=self.device)
+                    for block, tokens in enumerate(out.tokens):
+                        piece[:, block * dim : (block + 1) * dim] = tokens[row, :count]
+                    pieces.append((first, piece, self._timestamps(first + count)[first:]))
+            yield from pieces
+
     def get_clip_embedding(
         self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
     ) -> Tensor:
@@ -266,7 +296,10 @@ class ATSTModel(nn.Module):
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
         for group in self._groups(order, waves, width, batch_size):
             lengths = torch.tensor([waves[i].numel() for i in group], device=self.device)
-            padded = nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
+            if len(group) == 1:  # no padded copy of a long single input
+                padded = waves[group[0]][None]
+            else:
+                padded = nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
             mel, n_frames = self.frontend(padded, lengths)
             windows = []
             for row, item in enumerate(group):

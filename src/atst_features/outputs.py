@@ -1,0 +1,137 @@
+"""Writing embedding files atomically: npz, npy or pt, in memory or streamed for long audio.
+
+Every file is written to a hidden ``.<name>.partial`` file in its own folder and renamed into
+place when complete, so a visible output is always whole; an interrupted run leaves at most a
+hidden ``.partial`` file, which the next run replaces. Arrays are float32; timestamps are in ms.
+
+Layout (``<base>`` is the output path without suffix):
+
+- ``npz``: ``<base>.npz`` with ``clip [E]``, ``frame [T, D]``, ``timestamps [T]`` (as the level
+  asks), ``model`` (str) and ``n_blocks`` (int).
+- ``pt``: ``<base>.pt``, a dict of the same keys (torch tensors), read with ``torch.load``.
+- ``npy``: one array per file: ``<base>.clip.npy``, ``<base>.frame.npy``, ``<base>.timestamps.npy``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["FORMATS", "KEYS", "FrameStream", "output_files", "write_outputs"]
+
+FORMATS = ("npz", "npy", "pt")
+KEYS = ("clip", "frame", "timestamps")
+
+
+def _npy_path(base: Path, key: str) -> Path:
+    return base.with_name(f"{base.name}.{key}.npy")
+
+
+def output_files(base: Path, fmt: str, keys: list[str]) -> list[Path]:
+    """The files written for one input: one for npz / pt, one per array for npy."""
+    if fmt == "npy":
+        return [_npy_path(base, key) for key in KEYS if key in keys]
+    return [base.with_name(f"{base.name}.{fmt}")]
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+class FrameStream:
+    """Frame embeddings ``[T, D]`` appended in time order to a float32 ``.npy`` file on disk, for audio
+    too long to hold its frame embeddings in memory. Plain file writes, not a memmap: written pages
+    are not kept in the process's memory."""
+
+    def __init__(self, base: Path, shape: tuple[int, int]) -> None:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self.path = base.with_name(f".{base.name}.frame.partial.npy")
+        self.shape = shape
+        self.rows = 0
+        self._file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_2_0(self._file, header)
+
+    def write(self, first: int, rows) -> None:
+        """Append ``rows [k, D]``, which must start at row ``first`` (the next one)."""
+        if first != self.rows:
+            raise ValueError(f"frame rows must come in order: expected row {self.rows}, got {first}")
+        values = np.ascontiguousarray(_as_numpy(rows))
+        self._file.write(values.tobytes())
+        self.rows += len(values)
+
+    def finish(self) -> Path:
+        self._file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.rows} frame rows written, {self.shape[0]} expected")
+        return self.path
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def write_outputs(base: Path, fmt: str, arrays: dict, metadata: dict, frames: FrameStream | None = None) -> list[Path]:
+    """Write one input's arrays (``clip``, ``frame``, ``timestamps``) in format ``fmt``; returns the files.
+
+    ``frames``: a finished :class:`FrameStream` holding the frame embeddings; it is renamed (npy)
+    or copied in chunks (npz) into the output, never loaded whole (except for pt).
+    """
+    arrays = {key: _as_numpy(value) for key, value in arrays.items()}
+    written = []
+    try:
+        if fmt == "npy":
+            for key in KEYS:
+                path = _npy_path(base, key)
+                if key in arrays:
+                    with _atomic(path) as temporary, open(temporary, "wb") as handle:
+                        np.save(handle, arrays[key])
+                elif key == "frame" and frames is not None:
+                    os.replace(frames.path, path)
+                else:
+                    continue
+                written.append(path)
+            return written
+        (path,) = output_files(base, fmt, list(arrays))
+        with _atomic(path) as temporary:
+            if fmt == "npz":
+                _write_npz(temporary, arrays, {k: np.asarray(v) for k, v in metadata.items()}, frames)
+            else:
+                tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+                if frames is not None:
+                    tensors["frame"] = torch.from_numpy(np.load(frames.path))
+                torch.save({**tensors, **metadata}, temporary)
+        return [path]
+    finally:
+        if frames is not None:
+            frames.discard()
+
+
+def _write_npz(path: Path, arrays: dict, metadata: dict, frames: FrameStream | None) -> None:
+    """An uncompressed npz, as ``np.savez`` writes it, with the streamed frames copied from disk."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        if frames is not None:
+            archive.write(frames.path, arcname="frame.npy")
+        for key, value in {**arrays, **metadata}.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, value, allow_pickle=False)

@@ -1,0 +1,175 @@
+"""Decoding real files written with soundfile: formats, rates, channels, lengths, broken files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+import torch
+from conftest import waveform
+
+from atst_features.audio import AudioDecodeError, EmptyAudioError, load_audio
+
+FORMATS = [  # (suffix, soundfile format, subtype, tolerance of the decoded samples)
+    (".wav", "WAV", "PCM_U8", 1e-2),
+    (".wav", "WAV", "PCM_16", 1e-4),
+    (".wav", "WAV", "PCM_24", 1e-6),
+    (".wav", "WAV", "PCM_32", 1e-6),
+    (".wav", "WAV", "FLOAT", 0),
+    (".wav", "WAV", "DOUBLE", 1e-7),
+    (".flac", "FLAC", "PCM_16", 1e-4),
+    (".flac", "FLAC", "PCM_24", 1e-6),
+    (".aiff", "AIFF", "PCM_16", 1e-4),
+    (".ogg", "OGG", "VORBIS", None),
+    (".mp3", "MP3", "MPEG_LAYER_III", None),
+]
+
+
+def signal(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
+    """[frames, channels] test audio at ``rate``: the recipe's signal, different per channel."""
+    columns = [soxr.resample(waveform(seconds, seed + c), 16000, rate) if rate != 16000 else waveform(seconds, seed + c)
+               for c in range(channels)]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("suffix, fmt, subtype, tolerance", FORMATS, ids=[f"{f[1]}-{f[2]}" for f in FORMATS])
+def test_formats(tmp_path, suffix, fmt, subtype, tolerance):
+    audio = signal(1.5, 16000, 1)
+    path = tmp_path / f"clip {subtype} ü{suffix}"
+    soundfile.write(path, audio, 16000, format=fmt, subtype=subtype)
+    decoded, info = load_audio(path)
+    assert decoded.dtype == np.float32 and decoded.ndim == 1
+    assert info.sample_rate == 16000 and info.channels == 1 and info.format == fmt
+    if tolerance is None:  # lossy: same length (up to codec padding) and strongly correlated
+        n = min(len(decoded), len(audio))
+        assert abs(len(decoded) - len(audio)) < 1200
+        lag = np.argmax(np.correlate(decoded[:4000], audio[:4000, 0], mode="full")) - 3999
+        shifted = decoded[lag:] if lag >= 0 else decoded
+        n = min(len(shifted), len(audio))
+        assert np.corrcoef(shifted[:n], audio[:n, 0])[0, 1] > 0.95
+    else:
+        assert len(decoded) == len(audio)
+        np.testing.assert_allclose(decoded, audio[:, 0], atol=tolerance + 1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000, 96000])
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_rates_and_channels(tmp_path, rate, channels):
+    audio = signal(0.8, rate, channels, seed=3)
+    path = tmp_path / f"x_{rate}_{channels}.flac"
+    soundfile.write(path, audio, rate, subtype="PCM_24")
+    decoded, info = load_audio(path, target_rate=16000)
+    assert (info.sample_rate, info.channels, info.frames) == (rate, channels, len(audio))
+    expected = soxr.resample(audio.mean(axis=1), rate, 16000, quality="HQ")
+    assert len(decoded) == len(expected) == round(len(audio) * 16000 / rate)
+    np.testing.assert_allclose(decoded, expected, atol=2e-6, rtol=0)
+
+
+def test_native_rate_is_kept(tmp_path):
+    path = tmp_path / "a.wav"
+    soundfile.write(path, signal(0.5, 44100, 2), 44100)
+    decoded, info = load_audio(path, target_rate=None)
+    assert len(decoded) == 22050 and info.duration == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seconds", [0.05, 0.5, 200.0])
+def test_lengths(tmp_path, seconds):
+    rate = 48000
+    n = int(seconds * rate)
+    rng = np.random.default_rng(1)
+    audio = (0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, audio, rate, subtype="FLOAT")
+    decoded, info = load_audio(path)
+    assert info.frames == n
+    assert len(decoded) == round(n / 3)
+    if seconds <= 1:
+        np.testing.assert_allclose(decoded, soxr.resample(audio.mean(1), rate, 16000, "HQ"), atol=2e-6, rtol=0)
+
+
+def test_long_file_reads_in_blocks(tmp_path, monkeypatch):
+    """Block-wise decoding and streaming resampling give what decoding the whole file gives."""
+    import atst_features.audio as audio_module
+
+    audio = signal(3.0, 44100, 2, seed=5)
+    path = tmp_path / "blocks.wav"
+    soundfile.write(path, audio, 44100, subtype="FLOAT")
+    whole, _ = load_audio(path)
+    monkeypatch.setattr(audio_module, "BLOCK_FRAMES", 1000)
+    blocked, _ = load_audio(path)
+    np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ broken inputs
+def broken(tmp_path, kind: str):
+    if kind == "zero-byte file":
+        path = tmp_path / "empty.wav"
+        path.write_bytes(b"")
+    elif kind == "header-only WAV":
+        path = tmp_path / "header.wav"
+        soundfile.write(path, np.zeros(0, np.float32), 16000)
+    elif kind == "truncated FLAC":
+        full = tmp_path / "full.flac"
+        soundfile.write(full, signal(3.0, 16000, 1), 16000)
+        path = tmp_path / "cut.flac"
+        path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    elif kind == "truncated MP3":
+        full = tmp_path / "full.mp3"
+        soundfile.write(full, signal(3.0, 16000, 1), 16000)
+        path = tmp_path / "cut.mp3"
+        path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    elif kind == "text file named .wav":
+        path = tmp_path / "notes.wav"
+        path.write_text("this is not audio\n")
+    elif kind == "directory named x.wav":
+        path = tmp_path / "x.wav"
+        path.mkdir()
+    elif kind == "missing file":
+        path = tmp_path / "gone.wav"
+    return path
+
+
+BROKEN = [
+    ("zero-byte file", AudioDecodeError, r"empty\.wav'?: cannot decode \(Format not recognised\); convert it"),
+    ("header-only WAV", EmptyAudioError, r"header\.wav'?: the file holds no audio samples"),
+    ("truncated FLAC", AudioDecodeError, r"cut\.flac'?: cannot decode \(.+\); convert it"),
+    ("truncated MP3", AudioDecodeError, r"cut\.mp3'?: truncated or corrupt \(the header promises"),
+    ("text file named .wav", AudioDecodeError, r"notes\.wav'?: cannot decode \(Format not recognised\)"),
+    ("directory named x.wav", AudioDecodeError, r"x\.wav'?: is a directory, not an audio file"),
+    ("missing file", AudioDecodeError, r"gone\.wav'?: no such file"),
+]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind, error, message", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_files(tmp_path, kind, error, message):
+    path = broken(tmp_path, kind)
+    with pytest.raises(error, match=message) as info:
+        load_audio(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unicode_and_spaces(tmp_path):
+    path = tmp_path / "dossier été" / "chanson n°1 — 東京.ogg"
+    path.parent.mkdir()
+    soundfile.write(path, signal(1.0, 22050, 2), 22050)
+    decoded, info = load_audio(path)
+    assert info.channels == 2 and abs(len(decoded) - 16000) < 100
+
+
+# ------------------------------------------------------------------ resampled input embeds like 16 kHz
+@pytest.mark.parametrize("rate, floor", [(22050, 0.9999), (44100, 0.9999), (48000, 0.9999), (96000, 0.9999), (8000, 0.999)])
+def test_resampled_files_embed_like_16k(frame_small, tmp_path, rate, floor):
+    """The same audio stored at another rate embeds (almost) as at 16 kHz. At 8 kHz everything above
+    4 kHz is gone, so it is compared with the 16 kHz audio band-limited the same way."""
+    at_16k = waveform(4.0, 51)
+    if rate == 8000:
+        at_16k = soxr.resample(soxr.resample(at_16k, 16000, 8000, "HQ"), 8000, 16000, "HQ")
+    path = tmp_path / f"a{rate}.wav"
+    soundfile.write(path, soxr.resample(waveform(4.0, 51), 16000, rate, "HQ"), rate, subtype="FLOAT")
+    from_file = frame_small.get_clip_embedding(path, n_blocks=12)
+    reference = frame_small.get_clip_embedding(at_16k, n_blocks=12)
+    cosine = torch.nn.functional.cosine_similarity(from_file, reference).item()
+    print(f"{rate} Hz: cosine {cosine:.6f}")
+    assert cosine > floor, cosine

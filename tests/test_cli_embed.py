@@ -1,0 +1,260 @@
+"""atst-embed on real files: inputs, outputs, formats, broken files, resume, interruption, long files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+import torch
+from click.testing import CliRunner
+from conftest import waveform
+
+import atst_features.cli as cli
+from atst_features.cli import embed
+
+
+def write_audio(path: Path, seconds: float, seed: int, rate: int = 16000, channels: int = 1, **kwargs) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mono = waveform(seconds, seed)
+    audio = soxr.resample(mono, 16000, rate) if rate != 16000 else mono
+    soundfile.write(path, np.stack([audio] * channels, axis=1), rate, **kwargs)
+    return mono
+
+
+def run(*args: str, model: Path) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(embed, [*args, "--model", str(model), "--num-workers", "1"], catch_exceptions=False)
+
+
+def test_single_file_frame_level(tmp_path, frame_small_ckpt, frame_small):
+    path = tmp_path / "speech.wav"
+    write_audio(path, 3.0, 1)
+    result = run(str(path), "--level", "frame", "--n-blocks", "1", model=frame_small_ckpt)
+    assert result.exit_code == 0, result.output
+    assert "1 embedded" in result.output and "0 failed" in result.output
+    with np.load(tmp_path / "speech.npz") as out:
+        assert sorted(out.files) == ["frame", "model", "n_blocks", "timestamps"]
+        expected, stamps = frame_small.get_frame_embeddings(path, n_blocks=1)
+        np.testing.assert_allclose(out["frame"], expected[0].numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out["timestamps"], stamps[0].numpy())
+        assert out["frame"].shape == (75, 384) and out["frame"].dtype == np.float32
+        assert out["timestamps"][:2].tolist() == [15.0, 55.0]
+        assert str(out["model"]) == str(frame_small_ckpt) and int(out["n_blocks"]) == 1
+
+
+def test_formats_and_levels(tmp_path, clip_small_ckpt, clip_small):
+    path = tmp_path / "in" / "a.flac"
+    write_audio(path, 2.0, 2, rate=44100, channels=2)
+    clip = clip_small.get_clip_embedding(path)[0].numpy()
+    frames, stamps = clip_small.get_frame_embeddings(path)
+    out = tmp_path / "out"
+    assert run(str(path), "--level", "both", "--format", "npy", "-d", str(out), model=clip_small_ckpt).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.clip.npy", "a.frame.npy", "a.timestamps.npy"]
+    np.testing.assert_allclose(np.load(out / "a.clip.npy"), clip, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.load(out / "a.frame.npy"), frames[0].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.load(out / "a.timestamps.npy"), stamps[0].numpy())
+    single = tmp_path / "one.pt"
+    assert run(str(path), "-o", str(single), model=clip_small_ckpt).exit_code == 0
+    saved = torch.load(single, weights_only=True)
+    assert sorted(saved) == ["clip", "model", "n_blocks"]
+    torch.testing.assert_close(saved["clip"], torch.from_numpy(clip), rtol=0, atol=1e-5)
+
+
+def test_folder_is_mirrored(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    write_audio(data / "a.wav", 1.0, 1)
+    write_audio(data / "sub" / "b.ogg", 1.0, 2)
+    write_audio(data / "sub" / "deeper" / "c 1.mp3", 1.0, 3)
+    (data / "sub" / "notes.txt").write_text("not audio")
+    out = tmp_path / "emb"
+    result = run(str(data), "-d", str(out), "-q", model=frame_small_ckpt)
+    assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.npz"))
+    assert written == ["a.npz", "sub/b.npz", "sub/deeper/c 1.npz"]
+
+
+def test_glob_and_manifests(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    for name in ["x/1.wav", "x/2.wav", "y/3.wav"]:
+        write_audio(data / name, 0.5, len(name))
+    out = tmp_path / "glob"
+    assert run(str(data / "**" / "*.wav"), "-d", str(out), model=frame_small_ckpt).exit_code == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.npz")) == ["x/1.npz", "x/2.npz", "y/3.npz"]
+    lines = data / "list.txt"
+    lines.write_text("# my files\nx/1.wav\n\ny/3.wav\n")
+    out = tmp_path / "lines"
+    assert run("--manifest", str(lines), "-d", str(out), model=frame_small_ckpt).exit_code == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.npz")) == ["x/1.npz", "y/3.npz"]
+    table = data / "meta.csv"
+    table.write_text(f"label,path,duration\ndog,x/2.wav,0.5\ncat,{data / 'y' / '3.wav'},0.5\n")
+    out = tmp_path / "csv"
+    assert run("--manifest", str(table), "-d", str(out), model=frame_small_ckpt).exit_code == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.npz")) == ["x/2.npz", "y/3.npz"]
+    bad = data / "bad.csv"
+    bad.write_text("label,where\ndog,x/2.wav\n")
+    result = run("--manifest", str(bad), model=frame_small_ckpt)
+    assert result.exit_code == 2 and "no path column" in result.output
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_broken_files_are_reported_and_the_batch_goes_on(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    write_audio(data / "good 1 é.wav", 1.0, 1)
+    write_audio(data / "good 2.flac", 1.5, 2, rate=48000, channels=6)
+    (data / "empty.wav").write_bytes(b"")
+    soundfile.write(data / "header.wav", np.zeros(0, np.float32), 16000)
+    write_audio(tmp_path / "full.flac", 3.0, 3)
+    (data / "cut.flac").write_bytes((tmp_path / "full.flac").read_bytes()[:3000])
+    (data / "notes.wav").write_text("not audio")
+    (data / "x.wav").mkdir()
+    nan = waveform(1.0, 4)
+    nan[100] = np.nan
+    soundfile.write(data / "nan.wav", nan, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    result = run(str(data / "*"), "-d", str(out), model=frame_small_ckpt)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    expected = {
+        "empty.wav": "cannot decode (Format not recognised)",
+        "header.wav": "the file holds no audio samples",
+        "cut.flac": "cannot decode (",
+        "notes.wav": "cannot decode (Format not recognised)",
+        "x.wav": "is a directory, not an audio file",
+        "nan.wav": "contains NaN or Inf samples",
+    }
+    assert len(errors) == len(expected), result.output
+    for name, message in expected.items():
+        assert any(name in line and message in line for line in errors), (name, errors)
+    assert "2 embedded" in result.output and "6 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["good 1 é.npz", "good 2.npz"]
+    assert "Traceback" not in result.output
+
+
+def test_rerun_resumes_and_overwrite_recomputes(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    for index in range(3):
+        write_audio(data / f"{index}.wav", 0.5, index)
+    out = tmp_path / "out"
+    assert run(str(data), "-d", str(out), model=frame_small_ckpt).exit_code == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "1.npz").unlink()
+    result = run(str(data), "-d", str(out), model=frame_small_ckpt)
+    assert result.exit_code == 0 and "1 embedded" in result.output and "2 skipped" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "1.npz"} == {
+        k: v for k, v in stamps.items() if k != "1.npz"
+    }
+    result = run(str(data), "-d", str(out), "--overwrite", model=frame_small_ckpt)
+    assert "3 embedded" in result.output and "0 skipped" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give audio files"),
+        (["{a}", "{b}", "-o", "{tmp}/x.npz"], "takes exactly one input"),
+        (["{a}", "-o", "{tmp}/x.npy"], "takes a .npz or .pt file"),
+        (["{a}", "-o", "{tmp}/x.npz", "-d", "{tmp}/d"], "not both"),
+        (["{tmp}/nothing-here"], "no audio files found"),
+        (["{a}", "{a2}"], "would both write"),
+        (["{a}", "--level", "pixels"], "Invalid value for '--level'"),
+        (["{a}", "--n-blocks", "13"], "--n-blocks 13 exceeds the model's 12 blocks"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, frame_small_ckpt, args, message):
+    write_audio(tmp_path / "a.wav", 0.5, 1)
+    write_audio(tmp_path / "b.wav", 0.5, 2)
+    write_audio(tmp_path / "a.flac", 0.5, 3)
+    (tmp_path / "nothing-here").mkdir()
+    names = {"a": tmp_path / "a.wav", "b": tmp_path / "b.wav", "a2": tmp_path / "a.flac", "tmp": tmp_path}
+    result = run(*[arg.format(**names) for arg in args], model=frame_small_ckpt)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_bad_model_is_one_line(tmp_path):
+    write_audio(tmp_path / "a.wav", 0.5, 1)
+    result = CliRunner().invoke(embed, [str(tmp_path / "a.wav"), "--model", str(tmp_path / "missing.ckpt")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: ") and "missing.ckpt" in result.output
+    assert not (tmp_path / "a.npz").exists()
+
+
+def test_python_dash_m_is_atst_embed(tmp_path, frame_small_ckpt):
+    path = tmp_path / "a b.wav"
+    write_audio(path, 1.0, 5)
+    result = subprocess.run(
+        [sys.executable, "-m", "atst_features", str(path), "--model", str(frame_small_ckpt), "--level", "frame",
+         "--n-blocks", "1", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "a b.npz") as out:
+        assert out["frame"].shape == (25, 384)
+    usage = subprocess.run([sys.executable, "-m", "atst_features", "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("Usage: atst-embed")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
+def test_long_files_are_streamed_to_disk(tmp_path, frame_small_ckpt, frame_small, monkeypatch, fmt):
+    monkeypatch.setattr(cli, "STREAM_BYTES", 0)  # stream every file
+    path = tmp_path / "long.wav"
+    write_audio(path, 25.0, 6)
+    out = tmp_path / "out"
+    result = run(str(path), "--level", "both", "--n-blocks", "2", "--format", fmt, "-d", str(out), "--batch-size", "1",
+                 model=frame_small_ckpt)
+    assert result.exit_code == 0, result.output
+    frames, stamps = frame_small.get_frame_embeddings(path, n_blocks=2)
+    clip = frame_small.get_clip_embedding(path, n_blocks=2)[0]
+    if fmt == "npz":
+        with np.load(out / "long.npz") as saved:
+            got = {key: saved[key] for key in ("clip", "frame", "timestamps")}
+    elif fmt == "npy":
+        got = {key: np.load(out / f"long.{key}.npy") for key in ("clip", "frame", "timestamps")}
+    else:
+        got = {k: v.numpy() for k, v in torch.load(out / "long.pt", weights_only=True).items() if k != "model" and k != "n_blocks"}
+    np.testing.assert_allclose(got["frame"], frames[0].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got["timestamps"], stamps[0].numpy())
+    np.testing.assert_allclose(got["clip"], clip.numpy(), atol=1e-5, rtol=0)
+    assert got["frame"].shape == (625, 768)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no leftovers
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, how):
+    data = tmp_path / "data"
+    for index in range(24):
+        write_audio(data / f"{index:02d}.wav", 4.0, index)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt),
+               "--level", "both", "--n-blocks", "12", "--batch-size", "1", "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    process.send_signal(how)
+    process.wait(timeout=60)
+    finished = sorted(out.glob("*.npz"))
+    assert 3 <= len(finished) < 24, "the run should be interrupted part-way"
+    for path in finished:  # every visible output is whole
+        with np.load(path) as saved:
+            assert saved["frame"].shape == (100, 4608) and saved["clip"].shape == (4608,)
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    if how == signal.SIGTERM:
+        assert process.returncode == 130 and leftovers == []
+    else:
+        assert all(name.endswith(".partial") for name in leftovers)
+    before = {p.name: p.stat().st_mtime_ns for p in finished}
+    rerun = subprocess.run(command[:-1], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(finished)} skipped" in rerun.stderr and f"{24 - len(finished)} embedded" in rerun.stderr
+    assert len(list(out.glob("*.npz"))) == 24
+    assert {p: (out / p).stat().st_mtime_ns for p in before} == before  # finished files untouched
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
