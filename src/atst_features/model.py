@@ -169,8 +169,9 @@ class ATSTModel(nn.Module):
         """Frame embeddings, one per 40 ms, and their timestamps (token centres, ``40 * i + 15`` ms).
 
         Returns ``(embeddings [B, T, n_blocks * D], timestamps [B, T])`` for a tensor/array/path,
-        or per-item lists ``[T_i, n_blocks * D]`` and ``[T_i]`` for a list input. ``T = N // 640``
-        tokens for ``N`` samples at 16 kHz (at least 1). ``batch_size``: 10 s windows per encoder pass.
+        or per-item lists ``[T_i, n_blocks * D]`` and ``[T_i]`` for a list input, with
+        ``T = (1 + N // 160) // 4`` tokens for ``N`` samples at 16 kHz (at least 1): every timestamp
+        lies inside the audio. ``batch_size``: 10 s windows per encoder pass.
         """
         self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
