@@ -173,3 +173,18 @@ def test_resampled_files_embed_like_16k(frame_small, tmp_path, rate, floor):
     cosine = torch.nn.functional.cosine_similarity(from_file, reference).item()
     print(f"{rate} Hz: cosine {cosine:.6f}")
     assert cosine > floor, cosine
+
+
+def test_offset_and_duration(tmp_path):
+    audio = signal(3.0, 44100, 2, seed=7)
+    path = tmp_path / "seg.flac"
+    soundfile.write(path, audio, 44100, subtype="PCM_24")
+    whole, _ = load_audio(path)
+    part, info = load_audio(path, offset=1.0, duration=0.5)
+    assert info.frames == 22050 and len(part) == 8000
+    # the segment equals the same stretch of the whole file, away from the resampler's edges
+    np.testing.assert_allclose(part[200:-200], whole[16200:23800], atol=1e-3, rtol=0)
+    tail, _ = load_audio(path, offset=2.75)
+    assert len(tail) == 4000
+    with pytest.raises(EmptyAudioError, match="no samples from 5.0 s on"):
+        load_audio(path, offset=5.0)

@@ -255,3 +255,18 @@ def test_iter_frame_embeddings_equals_get_frame_embeddings(frame_small):
     torch.testing.assert_close(torch.cat([t for _, _, t in pieces]), stamps[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="takes one clip"):
         next(frame_small.iter_frame_embeddings([audio, audio]))
+
+
+def test_core_imports_no_training_stack():
+    """The inference package (API, CLI, HEAR) never imports training, Lightning, torchaudio or TensorFlow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, atst_features, atst_features.cli, atst_features.hear; "
+        "bad = [m for m in ('atst_features.training', 'lightning', 'pytorch_lightning', 'torchaudio', 'tensorflow') "
+        "if m in sys.modules]; print(bad)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -6,8 +6,10 @@ Every conversion of channels and sample rate in the package goes through this mo
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -55,39 +57,63 @@ def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarr
 
 
 def _decode_error(path: Path, err: Exception) -> AudioDecodeError:
-    reason = str(err).replace(f"Error opening {str(path)!r}: ", "").strip().rstrip(".") or type(err).__name__
+    reason = re.sub(r"^Error opening .*?: ", "", str(err)).strip().rstrip(".") or type(err).__name__
     return AudioDecodeError(f"{str(path)!r}: cannot decode ({reason}); {CONVERT_HINT}")
 
 
-def load_audio(path: str | os.PathLike, target_rate: int | None = 16000) -> tuple[np.ndarray, AudioInfo]:
+def load_audio(
+    path: str | os.PathLike | BinaryIO,
+    target_rate: int | None = 16000,
+    *,
+    offset: float = 0.0,
+    duration: float | None = None,
+) -> tuple[np.ndarray, AudioInfo]:
     """Decode a file to a float32 mono waveform ``[N]``: channels averaged, resampled to ``target_rate``
     Hz with soxr (None: keep the file's rate). Reads in blocks, so memory stays near the size of the
-    output even for long multichannel files. Returns ``(waveform, info)``.
+    output even for long multichannel files. ``offset`` and ``duration`` (seconds) select a segment
+    (only that segment is read). Returns ``(waveform, info)``; ``info.frames`` counts decoded frames.
 
     Raises :class:`AudioDecodeError` (with libsndfile's reason and a conversion hint) for missing,
     unreadable, corrupt, truncated or unsupported files, and :class:`EmptyAudioError` for files
     without samples. Formats: whatever libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3, AIFF, ...).
+    ``path`` may also be a binary file object (e.g. ``io.BytesIO`` of an encoded file).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise AudioDecodeError(f"{str(path)!r}: is a directory, not an audio file")
-    if not path.exists():
-        raise AudioDecodeError(f"{str(path)!r}: no such file")
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+        if path.is_dir():
+            raise AudioDecodeError(f"{str(path)!r}: is a directory, not an audio file")
+        if not path.exists():
+            raise AudioDecodeError(f"{str(path)!r}: no such file")
+        source = str(path)
+    else:
+        source, path = path, Path(getattr(path, "name", "<audio bytes>"))
     try:
-        with soundfile.SoundFile(str(path)) as handle:
+        with soundfile.SoundFile(source) as handle:
             info = AudioInfo(str(path), handle.samplerate, handle.channels, handle.frames, handle.format, handle.subtype)
             if info.frames == 0:
                 raise EmptyAudioError(f"{str(path)!r}: the file holds no audio samples")
+            first = min(int(round(offset * info.sample_rate)), info.frames)
+            wanted = info.frames - first
+            if duration is not None:
+                wanted = min(int(round(duration * info.sample_rate)), wanted)
+            if wanted <= 0:
+                raise EmptyAudioError(
+                    f"{str(path)!r}: no samples from {offset} s on (the file lasts {info.duration:.3f} s)"
+                )
+            if first:
+                handle.seek(first)
             rate = target_rate or info.sample_rate
             stream = (
                 soxr.ResampleStream(info.sample_rate, rate, 1, dtype="float32", quality="HQ")
                 if rate != info.sample_rate
                 else None
             )
-            out = np.empty(int(np.ceil(info.frames * rate / info.sample_rate)) + 16, dtype=np.float32)
+            out = np.empty(int(np.ceil(wanted * rate / info.sample_rate)) + 16, dtype=np.float32)
             filled = decoded = 0
             # Not SoundFile.blocks(): it zero-fills a stream that ends before its header says.
-            while len(block := handle.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+            while decoded < wanted and len(
+                block := handle.read(min(BLOCK_FRAMES, wanted - decoded), dtype="float32", always_2d=True)
+            ):
                 decoded += len(block)
                 mono = block.mean(axis=1, dtype=np.float32) if info.channels > 1 else block[:, 0]
                 chunk = stream.resample_chunk(mono, last=False) if stream else mono
@@ -98,9 +124,9 @@ def load_audio(path: str | os.PathLike, target_rate: int | None = 16000) -> tupl
         raise
     except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError) as err:
         raise _decode_error(path, err) from None
-    if decoded < 0.99 * info.frames:  # e.g. a cut MP3 whose header still promises the whole stream
+    if decoded < 0.99 * wanted:  # e.g. a cut MP3 whose header still promises the whole stream
         raise AudioDecodeError(
-            f"{str(path)!r}: truncated or corrupt (the header promises {info.frames} samples, "
+            f"{str(path)!r}: truncated or corrupt (the header promises {wanted} samples, "
             f"{decoded} could be decoded); {CONVERT_HINT}"
         )
     if filled == 0:

@@ -156,7 +156,9 @@ def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> Encoder
             "token) are not supported; ATST models use 64 x 4 patches over 64 mel bins"
         )
     arch = {"ast": "small"}.get(hyper.get("arch"), hyper.get("arch"))
-    if arch in ENCODER_SIZES and ENCODER_SIZES[arch]["embed_dim"] == dim:
+    if isinstance(hyper.get("num_heads"), int):  # written by atst_features.training
+        num_heads = hyper["num_heads"]
+    elif arch in ENCODER_SIZES and ENCODER_SIZES[arch]["embed_dim"] == dim:
         num_heads = ENCODER_SIZES[arch]["num_heads"]
     else:
         num_heads = max(1, dim // 64)  # every official factory uses 64-dimensional heads

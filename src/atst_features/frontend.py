@@ -117,6 +117,11 @@ class LogMelFrontend(torch.nn.Module):
         return torch.where(inside, torch.gather(waveforms, 1, index.clamp(0, waveforms.shape[1] - 1)), 0.0)
 
     def forward(self, waveforms: Tensor, n_samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # Never under autocast (e.g. bf16-mixed training): a bf16 power spectrum loses the 80 dB range.
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            return self._log_mel(waveforms, n_samples)
+
+    def _log_mel(self, waveforms: Tensor, n_samples: Tensor | None) -> tuple[Tensor, Tensor]:
         if waveforms.ndim != 2:
             raise ValueError(f"expected waveforms [batch, samples], got shape {tuple(waveforms.shape)}")
         cfg = self.config

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs"]
+__all__ = ["AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs", "read_manifest", "scan_folder"]
 
 AUDIO_SUFFIXES = frozenset(
     {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
@@ -42,7 +42,8 @@ def _under_root(path: Path, root: Path) -> Path:
         return Path(*path.resolve().parts[1:])
 
 
-def _scan(folder: Path) -> list[AudioInput]:
+def scan_folder(folder: Path) -> list[AudioInput]:
+    """Audio files under ``folder`` (recursively, by suffix), in a stable order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
@@ -59,15 +60,17 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _read_manifest(manifest: Path) -> list[AudioInput]:
-    """One path per line, or a CSV / TSV whose header names a path column; relative paths are
-    relative to the manifest's folder."""
+def read_manifest(manifest: str | os.PathLike) -> list[tuple[Path, float | None]]:
+    """Paths (and durations in seconds, when a ``duration`` column gives them) listed by a manifest:
+    one path per line (``#`` starts a comment), or a CSV / TSV whose header names a path column.
+    Relative paths are relative to the manifest's folder."""
+    manifest = Path(manifest)
     text = manifest.read_text(encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         return []
     delimiter = "\t" if "\t" in lines[0] else "," if "," in lines[0] else None
-    paths: list[str]
+    entries: list[tuple[str, float | None]]
     if delimiter or manifest.suffix.lower() in {".csv", ".tsv"}:
         rows = list(csv.reader(lines, delimiter=delimiter or ","))
         header = [cell.strip().lower() for cell in rows[0]]
@@ -76,16 +79,25 @@ def _read_manifest(manifest: Path) -> list[AudioInput]:
             raise InputError(
                 f"{str(manifest)!r}: no path column in the header {rows[0]}; name one of {', '.join(_PATH_COLUMNS)}"
             )
-        paths = [row[column].strip() for row in rows[1:] if len(row) > column and row[column].strip()]
+        seconds = header.index("duration") if "duration" in header else None
+        entries = []
+        for number, row in enumerate(rows[1:], start=2):
+            if len(row) <= column or not row[column].strip():
+                continue
+            duration = None
+            if seconds is not None and len(row) > seconds and row[seconds].strip():
+                try:
+                    duration = float(row[seconds])
+                except ValueError:
+                    raise InputError(f"{str(manifest)!r} line {number}: duration {row[seconds]!r} is not a number") from None
+            entries.append((row[column].strip(), duration))
     else:
-        paths = [line.strip() for line in lines]
-    root = manifest.parent
-    inputs = []
-    for entry in paths:
+        entries = [(line.strip(), None) for line in lines]
+    resolved = []
+    for entry, duration in entries:
         path = Path(entry).expanduser()
-        path = path if path.is_absolute() else root / path
-        inputs.append(AudioInput(path, _under_root(path, root)))
-    return inputs
+        resolved.append((path if path.is_absolute() else manifest.parent / path, duration))
+    return resolved
 
 
 def find_inputs(arguments: list[str], manifest: str | os.PathLike | None = None) -> list[AudioInput]:
@@ -99,14 +111,15 @@ def find_inputs(arguments: list[str], manifest: str | os.PathLike | None = None)
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found.extend(_scan(path))
+            found.extend(scan_folder(path))
         elif not path.exists() and _GLOB_CHARS & set(argument):
             root = _glob_root(argument)
             found.extend(AudioInput(Path(m), _under_root(Path(m), root)) for m in sorted(glob.glob(argument, recursive=True)))
         else:
             found.append(AudioInput(path, Path(path.name)))
     if manifest is not None:
-        found.extend(_read_manifest(Path(manifest)))
+        root = Path(manifest).parent
+        found.extend(AudioInput(path, _under_root(path, root)) for path, _ in read_manifest(manifest))
     unique, seen = [], set()
     for item in found:
         key = os.path.abspath(item.path)

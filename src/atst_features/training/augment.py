@@ -1,0 +1,160 @@
+"""Augmentations of the ATST pretraining recipe, batched on the training device.
+
+The reference applies them per item in DataLoader workers (BYOL-A's ``Mixup`` and
+``RandomResizeCrop``, fairseq's span masks). Here they run on whole batches of normalised log-mel
+spectrograms ``[B, F, T]`` on the GPU, with the same per-item distributions. Every random draw
+comes from the ``generator`` argument, so runs are reproducible per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Mixup", "RandomResizeCrop", "span_masks"]
+
+
+def _uniform(shape, low: float, high: float, generator, device) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+
+class Mixup(nn.Module):
+    """Log-mixup-exp with a FIFO memory bank of past unmixed inputs (BYOL-A, ratio 0.4, 2000 items).
+
+    For each item: ``a ~ ratio * U(0, 1)``; if the bank is empty the item passes unchanged, else a
+    uniformly drawn bank entry ``z`` gives ``log((1 - a) exp(x) + a exp(z) + eps)``. Then the batch's
+    unmixed inputs are appended to the bank, keeping the last ``memory`` items. Items of one batch
+    draw from the bank as it was before the batch (the reference, one item at a time per worker,
+    can draw an item of the same worker's batch). The bank lives on the device and is not saved in
+    checkpoints.
+    """
+
+    def __init__(self, ratio: float = 0.4, memory: int = 2000) -> None:
+        super().__init__()
+        if memory < 1:
+            raise ValueError("the memory bank must hold at least one item")
+        self.ratio = ratio
+        self.memory = memory
+        self.register_buffer("bank", torch.empty(0), persistent=False)
+        self.filled = 0
+        self.position = 0  # next slot of the ring buffer
+
+    def contents(self) -> Tensor:
+        """The bank, oldest item first: ``[filled, F, T]``."""
+        if self.filled < self.memory:
+            return self.bank[: self.filled]
+        return torch.roll(self.bank, -self.position, dims=0)
+
+    def _push(self, x: Tensor) -> None:
+        x = x.detach()[-self.memory :]
+        if self.bank.numel() == 0:
+            self.bank = x.new_empty((self.memory, *x.shape[1:]))
+        elif self.bank.shape[1:] != x.shape[1:]:
+            raise ValueError(f"Mixup got items of shape {tuple(x.shape[1:])}, its bank holds {tuple(self.bank.shape[1:])}")
+        slots = (self.position + torch.arange(len(x), device=x.device)) % self.memory
+        self.bank[slots] = x
+        self.position = (self.position + len(x)) % self.memory
+        self.filled = min(self.filled + len(x), self.memory)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = x.shape[0]
+        alpha = self.ratio * torch.rand(batch, generator=generator, device=x.device)
+        if self.filled:
+            chosen = torch.randint(self.filled, (batch,), generator=generator, device=x.device)
+            background = self.contents()[chosen]
+            a = alpha.view(batch, *([1] * (x.ndim - 1)))
+            mixed = torch.log((1 - a) * x.exp() + a * background.exp() + torch.finfo(x.dtype).eps)
+        else:
+            mixed = x
+        self._push(x)
+        return mixed
+
+
+class RandomResizeCrop(nn.Module):
+    """BYOL-A's random resize crop: paste each ``[F, T]`` item at the centre of a canvas of
+    ``virtual_crop_scale`` times its size filled with ``canvas_value``, take a random crop whose
+    height and width are ``freq_scale`` / ``time_scale`` times the item's, and resize it back
+    (bicubic, corners aligned). ``virtual_crop_scale=(1, 1)`` with ``time_scale=(1, 1)`` is the
+    frequency-only crop of ATST-Frame: time frames are kept exactly.
+
+    ``canvas_value`` 0.0 is the reference's (0 in the normalised domain is -14.5 dB, not silence).
+    """
+
+    def __init__(
+        self,
+        virtual_crop_scale: tuple[float, float] = (1.0, 1.5),
+        freq_scale: tuple[float, float] = (0.6, 1.5),
+        time_scale: tuple[float, float] = (0.6, 1.5),
+        canvas_value: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.virtual_crop_scale = tuple(virtual_crop_scale)
+        self.freq_scale = tuple(freq_scale)
+        self.time_scale = tuple(time_scale)
+        self.canvas_value = canvas_value
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch, height, width = x.shape
+        device = x.device
+        canvas_h, canvas_w = int(height * self.virtual_crop_scale[0]), int(width * self.virtual_crop_scale[1])
+        top, left = (canvas_h - height) // 2, (canvas_w - width) // 2
+        if (canvas_h, canvas_w) == (height, width):
+            canvas = x
+        else:
+            canvas = x.new_full((batch, canvas_h, canvas_w), self.canvas_value)
+            canvas[:, top : top + height, left : left + width] = x
+        crop_h = (_uniform(batch, *self.freq_scale, generator, device) * height).long().clamp(1, canvas_h)
+        crop_w = (_uniform(batch, *self.time_scale, generator, device) * width).long().clamp(1, canvas_w)
+        # inclusive upper bounds, like random.randint(0, canvas - size)
+        rows = (torch.rand(batch, generator=generator, device=device) * (canvas_h - crop_h + 1)).long()
+        cols = (torch.rand(batch, generator=generator, device=device) * (canvas_w - crop_w + 1)).long()
+        out = torch.empty_like(x)
+        for index, (i, j, h, w) in enumerate(zip(rows.tolist(), cols.tolist(), crop_h.tolist(), crop_w.tolist())):
+            crop = canvas[index, i : i + h, j : j + w][None, None]
+            out[index] = F.interpolate(crop, size=(height, width), mode="bicubic", align_corners=True)[0, 0]
+        return out
+
+
+def span_masks(
+    batch: int,
+    n_tokens: int,
+    *,
+    ratio: float = 0.65,
+    span: int = 5,
+    min_spans: int = 2,
+    exact: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Boolean token masks ``[batch, n_tokens]`` (True = masked) for ATST-Frame.
+
+    Default: fairseq's ``compute_mask_indices(mask_type="static")`` as the reference calls it:
+    ``max(min_spans, floor(ratio * n_tokens / span + u))`` spans (``u ~ U[0, 1)``) of ``span``
+    tokens with distinct starts in ``[0, n_tokens - span - 1]``, overlaps merged: about 50 % of the
+    tokens for ratio 0.65, and the last token is never masked. ``exact=True``:
+    ``round(ratio * n_tokens / span)`` spans that do not overlap, anywhere, so exactly that many
+    times ``span`` tokens are masked (160 of 250 for ratio 0.65).
+    """
+    if exact:
+        count = min(round(ratio * n_tokens / span), n_tokens // span)
+        slots = n_tokens - count * (span - 1)
+        keys = torch.rand(batch, slots, generator=generator, device=device)
+        positions = keys.argsort(dim=1)[:, :count].sort(dim=1).values
+        starts = positions + torch.arange(count, device=positions.device) * (span - 1)
+        mask = torch.zeros(batch, n_tokens, dtype=torch.bool, device=positions.device)
+        for offset in range(span):
+            mask.scatter_(1, starts + offset, True)
+        return mask
+    jitter = torch.rand(batch, generator=generator, device=device)
+    spans = torch.clamp(torch.floor(ratio * n_tokens / span + jitter), min=min_spans).long()  # [B]
+    # Distinct starts among the first `choices` positions (fairseq shrinks them for short inputs).
+    choices = torch.where(n_tokens - span <= spans, spans + 1, torch.full_like(spans, n_tokens - span))
+    keys = torch.rand(batch, n_tokens, generator=generator, device=device)
+    keys = keys.masked_fill(torch.arange(n_tokens, device=keys.device)[None, :] >= choices[:, None], math.inf)
+    ranks = keys.argsort(dim=1).argsort(dim=1)
+    starts = (ranks < spans[:, None]).float()[:, None, :]  # [B, 1, P]
+    covered = F.conv1d(starts, torch.ones(1, 1, span, device=starts.device), padding=span - 1)[..., :n_tokens]
+    return covered[:, 0] > 0

@@ -1,0 +1,74 @@
+"""``atst-train {clip,frame} --config PRESET_OR_FILE [--section.key value ...]``: pretraining on Lightning.
+
+Presets shipped with the package (``atst-train --list-presets``): the paper's four recipes and a
+tiny CPU one per method. Any key of a preset can be overridden on the command line
+(``--data.path``, ``--trainer.devices``, ``--trainer.num_nodes``, ``--trainer.precision bf16-mixed``,
+``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` resumes a run.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import PretrainingData
+from .module import ClipPretraining, FramePretraining
+
+__all__ = ["main", "PRESETS", "preset_path"]
+
+METHODS = {"clip": ClipPretraining, "frame": FramePretraining}
+PRESETS_DIR = Path(__file__).parent / "configs"
+PRESETS = sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+USAGE = "usage: atst-train {clip,frame} --config PRESET_OR_FILE [--section.key value ...] [--ckpt_path PATH|last]"
+
+
+def preset_path(name_or_path: str) -> str:
+    """A preset name (``frame-base``) -> its packaged YAML file; anything else is returned as is."""
+    if name_or_path in PRESETS and not Path(name_or_path).exists():
+        return str(PRESETS_DIR / f"{name_or_path}.yaml")
+    return name_or_path
+
+
+class TrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.max_steps", "trainer.max_steps")
+        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--list-presets"]:
+        for name in PRESETS:
+            first = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+            print(f"{name:<12} {first}")
+        return
+    if not argv or argv[0] not in METHODS:
+        print(USAGE, file=sys.stderr)
+        print(f"presets: {', '.join(PRESETS)}", file=sys.stderr)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    method, rest = argv[0], argv[1:]
+    rest = [
+        preset_path(arg) if index and rest[index - 1] == "--config" else arg
+        for index, arg in enumerate(rest)
+    ]
+    rest = [f"--config={preset_path(arg.split('=', 1)[1])}" if arg.startswith("--config=") else arg for arg in rest]
+    # Our arguments arrive through `args`; sys.argv stays as it is: Lightning's DDP launcher
+    # starts the other ranks by running it again.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    cli = TrainCLI(
+        METHODS[method],
+        PretrainingData,
+        args=rest,
+        run=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": f"atst-train {method}"},
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+
+
+if __name__ == "__main__":
+    main()
