@@ -270,3 +270,9 @@ def test_core_imports_no_training_stack():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("samples", [1, 480, 513, 17_120, 31_680, 400_000])
+def test_num_frame_embeddings_is_what_is_produced(frame_small, samples):
+    emb, _ = frame_small.get_frame_embeddings(np.zeros(samples, np.float32) + 0.01, n_blocks=1)
+    assert emb.shape[1] == frame_small.num_frame_embeddings(samples)

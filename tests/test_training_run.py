@@ -236,3 +236,43 @@ def test_webdataset_shards(tmp_path):
     data = PretrainingData(urls, crop_seconds=[2.0], batch_size=3, num_workers=0)
     batch = next(iter(data.train_dataloader()))
     assert batch[0].shape == (3, 32000)
+
+
+def quick_fit(data: Path, root: Path, **trainer_options):
+    L.seed_everything(0, workers=True)
+    module = FramePretraining(**TINY)
+    datamodule = PretrainingData(str(data), crop_seconds=[2.0], batch_size=4, num_workers=0)
+    options = dict(accelerator="cpu", max_steps=30, enable_progress_bar=False, enable_model_summary=False,
+                   logger=False, enable_checkpointing=False, default_root_dir=root)
+    trainer = L.Trainer(**{**options, **trainer_options})
+    return trainer, module, datamodule
+
+
+def test_bf16_mixed_precision(tmp_path, audio_folder):
+    trainer, module, data = quick_fit(audio_folder, tmp_path, precision="bf16-mixed", max_steps=3)
+    seen = {}
+    original = module.frontend.forward
+
+    def spy(waveforms, n_samples=None):
+        mel, frames = original(waveforms, n_samples)
+        seen["mel"] = mel.dtype
+        return mel, frames
+
+    module.frontend.forward = spy
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3
+    assert seen["mel"] == torch.float32  # the front end stays in float32 under autocast
+    assert all(torch.isfinite(p).all() for p in module.model.teacher.parameters())
+
+
+def test_gradient_accumulation(tmp_path, audio_folder, monkeypatch):
+    import atst_features.training.module as module_code
+
+    calls = []
+    original = module_code.ema_update
+    monkeypatch.setattr(module_code, "ema_update", lambda *args: (calls.append(args[2]), original(*args)))
+    trainer, module, data = quick_fit(audio_folder, tmp_path, accumulate_grad_batches=2, max_steps=3)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
+    assert calls == [module.momentum_at(k) for k in (1, 2, 3)]  # one EMA update per optimizer step
+    assert module.learning_rate_at(4) == pytest.approx(0.064 * 4 * 2 / 256)  # the global batch counts accumulation

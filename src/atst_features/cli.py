@@ -247,8 +247,7 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
 
 def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base) -> None:
     """One long file: frame embeddings appended to a file on disk, piece by piece."""
-    tokens = int(model.frontend.n_frames(len(waveform))) // model.config.encoder.patch_frames
-    stream = FrameStream(base, (tokens, model.frame_embedding_size(n_blocks)))
+    stream = FrameStream(base, (model.num_frame_embeddings(len(waveform)), model.frame_embedding_size(n_blocks)))
     try:
         timestamps = []
         for first, piece, stamps in model.iter_frame_embeddings(waveform, n_blocks=n_blocks, batch_size=batch_size):
@@ -357,7 +356,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
             if isinstance(result, BaseException):
                 run.error(item, result)
                 continue
-            frame_bytes = len(result) / 640 * model.frame_embedding_size(n_blocks) * 4
+            frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
             if level != "clip" and frame_bytes > STREAM_BYTES:
                 try:
                     _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])

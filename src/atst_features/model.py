@@ -176,20 +176,17 @@ class ATSTModel(nn.Module):
         self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         with self._inference():
-            counts = [self._n_tokens(wave) for wave in waves]
+            counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
             shape = (self.frame_embedding_size(n_blocks),)
             if is_list:
                 outputs = [torch.empty(count, *shape, dtype=self.dtype, device=self.device) for count in counts]
             else:  # equal lengths: write straight into the batch tensor
                 batch = torch.empty(len(waves), counts[0], *shape, dtype=self.dtype, device=self.device)
                 outputs = list(batch)
-            dim = self.embed_dim
             for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
                 for row, window in enumerate(windows):
                     first = window.first_frame // self.config.encoder.patch_frames
-                    target = outputs[window.item][first : first + n_tokens[row]]
-                    for block, tokens in enumerate(out.tokens):  # blocks side by side, shallow to deep
-                        target[:, block * dim : (block + 1) * dim] = tokens[row, : n_tokens[row]]
+                    self._copy_frames(out, row, outputs[window.item][first : first + n_tokens[row]])
             timestamps = [self._timestamps(count) for count in counts]
         if is_list:
             return outputs, timestamps
@@ -207,7 +204,7 @@ class ATSTModel(nn.Module):
         waves, is_list = self._prepare(audio, sample_rate)
         if is_list or len(waves) != 1:
             raise ValueError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
-        dim, patch = self.embed_dim, self.config.encoder.patch_frames
+        patch = self.config.encoder.patch_frames
         batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size)
         while True:
             # Inference and eval mode only while computing, never while suspended at a yield.
@@ -219,9 +216,8 @@ class ATSTModel(nn.Module):
                 pieces = []
                 for row, window in enumerate(windows):  # one clip: windows come in time order
                     first, count = window.first_frame // patch, n_tokens[row]
-                    piece = torch.empty(count, n_blocks * dim, dtype=self.dtype, device=self.device)
-                    for block, tokens in enumerate(out.tokens):
-                        piece[:, block * dim : (block + 1) * dim] = tokens[row, :count]
+                    piece = torch.empty(count, self.frame_embedding_size(n_blocks), dtype=self.dtype, device=self.device)
+                    self._copy_frames(out, row, piece)
                     pieces.append((first, piece, self._timestamps(first + count)[first:]))
             yield from pieces
 
@@ -274,8 +270,17 @@ class ATSTModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def _n_tokens(self, wave: Tensor) -> int:
-        return int(self.frontend.n_frames(wave.numel())) // self.config.encoder.patch_frames
+    def num_frame_embeddings(self, n_samples: int) -> int:
+        """How many frame embeddings ``n_samples`` samples at 16 kHz give: ``(1 + N // 160) // 4``,
+        at least 1 (short audio is padded to the front end's minimum)."""
+        samples = max(int(n_samples), self.frontend.min_samples)
+        return int(self.frontend.n_frames(samples)) // self.config.encoder.patch_frames
+
+    def _copy_frames(self, out: EncoderOutput, row: int, target: Tensor) -> None:
+        """Write window ``row``'s first ``len(target)`` tokens into ``target``: blocks side by side, shallow to deep."""
+        dim, count = self.embed_dim, len(target)
+        for block, tokens in enumerate(out.tokens):
+            target[:, block * dim : (block + 1) * dim] = tokens[row, :count]
 
     def _timestamps(self, count: int) -> Tensor:
         # Token i covers frames 4i..4i+3, centred at 10 * (4i + 1.5) ms = 40i + 15 ms.
