@@ -32,3 +32,15 @@ def test_quickstart_audio_file(clip_small_ckpt, tmp_path):
     assert "clip model, width 384" in out
     assert "clip embedding: (1, 9216)" in out
     assert "frame embeddings: (1, 50, 384)" in out
+
+
+def test_pretrain_tiny_example():
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("lightning")
+    if not shutil.which("atst-train"):
+        pytest.skip("atst-train is not installed as a command")
+    out = run(str(EXAMPLES / "pretrain_tiny.py"))
+    assert "trained model: width 64, 2 blocks; frames (1, " in out
