@@ -276,3 +276,15 @@ def test_core_imports_no_training_stack():
 def test_num_frame_embeddings_is_what_is_produced(frame_small, samples):
     emb, _ = frame_small.get_frame_embeddings(np.zeros(samples, np.float32) + 0.01, n_blocks=1)
     assert emb.shape[1] == frame_small.num_frame_embeddings(samples)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_get_embeddings_equals_the_separate_calls(model, as_list):
+    audio = [waveform(3.3, 20), waveform(12.5, 21)] if as_list else np.stack([waveform(12.5, 20), waveform(12.5, 21)])
+    clip, frames, stamps = model.get_embeddings(audio, n_blocks=2)
+    frames_alone, stamps_alone = model.get_frame_embeddings(audio, n_blocks=2)
+    assert torch.equal(clip, model.get_clip_embedding(audio, n_blocks=2))  # same windows, same sums
+    for a, b in zip(frames, frames_alone):
+        assert torch.equal(a, b)
+    for a, b in zip(stamps, stamps_alone):
+        assert torch.equal(a, b)

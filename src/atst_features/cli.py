@@ -220,13 +220,15 @@ class _Run:
 
 def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
     waves = [waveform for _, waveform in batch]
+    options = dict(n_blocks=n_blocks, batch_size=batch_size)
+    clips = frames = stamps = None
     try:
-        clips = model.get_clip_embedding(waves, n_blocks=n_blocks, batch_size=batch_size) if level != "frame" else None
-        frames, stamps = (
-            model.get_frame_embeddings(waves, n_blocks=n_blocks, batch_size=batch_size)
-            if level != "clip"
-            else (None, None)
-        )
+        if level == "both":  # one encoder pass for ATST-Frame / C2F
+            clips, frames, stamps = model.get_embeddings(waves, **options)
+        elif level == "clip":
+            clips = model.get_clip_embedding(waves, **options)
+        else:
+            frames, stamps = model.get_frame_embeddings(waves, **options)
     except (*EXPECTED_ERRORS, RuntimeError) as error:  # e.g. out of memory: every file of the batch failed
         for item, _ in batch:
             run.error(item, error)

@@ -56,7 +56,7 @@ def scan_folder(folder: Path) -> list[AudioInput]:
 
 def _glob_root(pattern: str) -> Path:
     parts = Path(pattern).parts
-    fixed = [part for part in parts[: next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]]
+    fixed = parts[: next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]
     return Path(*fixed) if fixed else Path(".")
 
 

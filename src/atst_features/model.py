@@ -176,21 +176,23 @@ class ATSTModel(nn.Module):
         self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         with self._inference():
-            counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
-            shape = (self.frame_embedding_size(n_blocks),)
-            if is_list:
-                outputs = [torch.empty(count, *shape, dtype=self.dtype, device=self.device) for count in counts]
-            else:  # equal lengths: write straight into the batch tensor
-                batch = torch.empty(len(waves), counts[0], *shape, dtype=self.dtype, device=self.device)
-                outputs = list(batch)
-            for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
-                for row, window in enumerate(windows):
-                    first = window.first_frame // self.config.encoder.patch_frames
-                    self._copy_frames(out, row, outputs[window.item][first : first + n_tokens[row]])
-            timestamps = [self._timestamps(count) for count in counts]
-        if is_list:
-            return outputs, timestamps
-        return batch, torch.stack(timestamps)
+            frames, timestamps, _ = self._frames(waves, is_list, n_blocks, batch_size, pooling=None)
+        return frames, timestamps
+
+    def get_embeddings(
+        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+    ) -> tuple[Tensor, Tensor | list[Tensor], Tensor | list[Tensor]]:
+        """``(clip, frames, timestamps)``: :meth:`get_clip_embedding` and :meth:`get_frame_embeddings`
+        together. ATST-Frame / C2F compute both in one encoder pass; ATST-Clip runs its 6 s chunk
+        pass for the clip embedding as well."""
+        self._check_n_blocks(n_blocks)
+        waves, is_list = self._prepare(audio, sample_rate)
+        with self._inference():
+            pooling = None if self.config.encoder.cls_token else _FramePooling(self, len(waves), n_blocks)
+            frames, timestamps, clip = self._frames(waves, is_list, n_blocks, batch_size, pooling)
+            if clip is None:
+                clip = self._clip_pooling(waves, n_blocks, batch_size)
+        return clip.to(self.dtype), frames, timestamps
 
     def iter_frame_embeddings(
         self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
@@ -351,22 +353,34 @@ class ATSTModel(nn.Module):
 
     def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Frame / C2F clip embedding: token-weighted means over all windows of each item."""
-        count, dim = len(waves), self.embed_dim
-        sums = torch.zeros(count, n_blocks, dim, device=self.device)
-        prompt_sums = torch.zeros_like(sums) if self.config.encoder.n_prompts else None
-        totals = torch.zeros(count, device=self.device)
+        pooling = _FramePooling(self, len(waves), n_blocks)
         for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
-            items = torch.tensor([w.item for w in windows], device=self.device)
-            weights = torch.tensor(n_tokens, device=self.device, dtype=torch.float32)
-            sums.index_add_(0, items, self._masked_token_sums(out, n_tokens))
-            totals.index_add_(0, items, weights)
-            if prompt_sums is not None:
-                prompts = torch.stack(out.prompts, dim=1).float().mean(dim=2)  # [W, n, D]
-                prompt_sums.index_add_(0, items, prompts * weights[:, None, None])
-        parts = [sums / totals[:, None, None]]
-        if prompt_sums is not None:
-            parts.append(prompt_sums / totals[:, None, None])
-        return torch.stack(parts, dim=2).reshape(count, -1)  # per block: [tokens, prompts]
+            pooling.add(windows, n_tokens, out)
+        return pooling.result()
+
+    def _frames(
+        self, waves: list[Tensor], is_list: bool, n_blocks: int, batch_size: int, pooling: "_FramePooling | None"
+    ):
+        """Frame embeddings and timestamps (lists for a list input, else batch tensors); with
+        ``pooling``, also the ATST-Frame clip embedding from the same windows."""
+        counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
+        shape = (self.frame_embedding_size(n_blocks),)
+        if is_list:
+            outputs = [torch.empty(count, *shape, dtype=self.dtype, device=self.device) for count in counts]
+        else:  # equal lengths: write straight into the batch tensor
+            batch = torch.empty(len(waves), counts[0], *shape, dtype=self.dtype, device=self.device)
+            outputs = list(batch)
+        for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
+            for row, window in enumerate(windows):
+                first = window.first_frame // self.config.encoder.patch_frames
+                self._copy_frames(out, row, outputs[window.item][first : first + n_tokens[row]])
+            if pooling is not None:
+                pooling.add(windows, n_tokens, out)
+        timestamps = [self._timestamps(count) for count in counts]
+        clip = pooling.result() if pooling is not None else None
+        if is_list:
+            return outputs, timestamps, clip
+        return batch, torch.stack(timestamps), clip
 
     def _clip_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Clip clip embedding: CLS and token means of each 6 s chunk, averaged over the chunks
@@ -385,3 +399,31 @@ class ATSTModel(nn.Module):
             chunks.index_add_(0, items, torch.ones_like(own_tokens))
         scale = chunks[:, None, None]
         return torch.cat([(cls_sums / scale).reshape(count, -1), (mean_sums / scale).reshape(count, -1)], dim=1)
+
+
+class _FramePooling:
+    """Running sums for the ATST-Frame / C2F clip embedding: per item and block, the valid frame
+    tokens (and raw prompt means weighted by token counts) over all windows seen."""
+
+    def __init__(self, model: ATSTModel, items: int, n_blocks: int) -> None:
+        self.model = model
+        self.sums = torch.zeros(items, n_blocks, model.embed_dim, device=model.device)
+        self.prompt_sums = torch.zeros_like(self.sums) if model.config.encoder.n_prompts else None
+        self.totals = torch.zeros(items, device=model.device)
+
+    def add(self, windows: list[_Window], n_tokens: list[int], out: EncoderOutput) -> None:
+        device = self.sums.device
+        items = torch.tensor([w.item for w in windows], device=device)
+        weights = torch.tensor(n_tokens, device=device, dtype=torch.float32)
+        self.sums.index_add_(0, items, self.model._masked_token_sums(out, n_tokens))
+        self.totals.index_add_(0, items, weights)
+        if self.prompt_sums is not None:
+            prompts = torch.stack(out.prompts, dim=1).float().mean(dim=2)  # [W, n, D]
+            self.prompt_sums.index_add_(0, items, prompts * weights[:, None, None])
+
+    def result(self) -> Tensor:
+        scale = self.totals[:, None, None]
+        parts = [self.sums / scale]
+        if self.prompt_sums is not None:
+            parts.append(self.prompt_sums / scale)
+        return torch.stack(parts, dim=2).reshape(len(self.sums), -1)  # per block: [tokens, prompts]
