@@ -1,30 +1,25 @@
-"""Clip and frame embeddings from an ATST checkpoint.
+"""Clip and frame embeddings of a real recording, offline, with the model that ships in the package.
 
-    python examples/quickstart.py CHECKPOINT [AUDIO_FILE]
+    python examples/quickstart.py [MODEL] [AUDIO_FILE]
 
-CHECKPOINT: an official ATST-Frame / ATST-Clip / C2F checkpoint file (see the README for the
-download links). AUDIO_FILE: any file libsndfile reads (WAV, FLAC, OGG, MP3, ...); without it,
-a 3 s synthetic chirp is used.
+MODEL: a registry name (default atst-frame-mini, packaged: no download), a model folder or an
+official checkpoint file (see the README's "Models"). AUDIO_FILE: any file libsndfile reads (WAV,
+FLAC, OGG, MP3, ...); default: examples/audio/speech-demo-nogo.flac (10.5 s of speech at 8 kHz,
+CC BY-SA 3.0, see examples/audio/LICENSE.md).
 """
 
 import sys
-
-import numpy as np
+from pathlib import Path
 
 from atst_features import get_clip_embedding, get_frame_embeddings, load_model
 
-checkpoint = sys.argv[1]
-model = load_model(checkpoint)  # CUDA when available, else CPU
-print(f"{model.kind} model, width {model.embed_dim}, on {model.device}")
+source = sys.argv[1] if len(sys.argv) > 1 else "atst-frame-mini"
+audio = sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).parent / "audio" / "speech-demo-nogo.flac")
 
-if len(sys.argv) > 2:
-    audio, rate = sys.argv[2], None  # a path: decoded, downmixed and resampled to 16 kHz
-else:
-    rate = 16_000
-    t = np.arange(3 * rate) / rate
-    audio = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)).astype(np.float32)  # [48000]
+model = load_model(source)  # CUDA when available, else CPU
+print(f"{model.kind} model, width {model.embed_dim}, {model.depth} blocks, on {model.device}")
 
-clip = get_clip_embedding(audio, model, sample_rate=rate)  # [1, clip_embedding_size(12)]
-frames, timestamps = get_frame_embeddings(audio, model, sample_rate=rate, n_blocks=1)  # [1, T, D], [1, T]
+clip = get_clip_embedding(audio, model)  # [1, clip_embedding_size()]: all blocks; decoded, resampled to 16 kHz
+frames, timestamps = get_frame_embeddings(audio, model, n_blocks=1)  # [1, T, D] and [1, T] in ms
 print("clip embedding:", tuple(clip.shape))
 print("frame embeddings:", tuple(frames.shape), "first timestamps (ms):", timestamps[0, :3].tolist())

@@ -110,6 +110,7 @@ def test_models_command():
     assert result.exit_code == 0
     for name in ["atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base", "atst-frame-base-desed"]:
         assert name in result.output
+    assert "atst-frame-mini         frame  mini     1536   1536  (ships in the package)" in result.output
     listed = json.loads(CliRunner().invoke(models, ["--json"]).output)
     assert {entry["name"] for entry in listed} >= {"atst-frame-base", "atst-frame-base-desed"}
 

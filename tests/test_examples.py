@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +13,27 @@ from conftest import waveform
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_quickstart_synthetic_audio(frame_small_ckpt):
-    out = run(str(EXAMPLES / "quickstart.py"), str(frame_small_ckpt))
-    assert "frame model, width 384" in out
-    assert "clip embedding: (1, 4608)" in out
-    assert "frame embeddings: (1, 75, 384) first timestamps (ms): [15.0, 55.0, 95.0]" in out
+def test_quickstart_offline_with_packaged_model(tmp_path):
+    # As a newcomer runs it: no arguments, no network, an empty Hub cache.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    out = run(str(EXAMPLES / "quickstart.py"), env=env)
+    assert "frame model, width 256, 6 blocks" in out
+    assert "clip embedding: (1, 1536)" in out
+    assert "frame embeddings: (1, 263, 256) first timestamps (ms): [15.0, 55.0, 95.0]" in out
+    assert not (tmp_path / "hub").exists()
 
 
-def test_quickstart_audio_file(clip_small_ckpt, tmp_path):
+def test_quickstart_checkpoint_and_audio_file(clip_small_ckpt, tmp_path):
     path = tmp_path / "speech.flac"
     soundfile.write(path, waveform(2.0, 3), 16000)
     out = run(str(EXAMPLES / "quickstart.py"), str(clip_small_ckpt), str(path))
-    assert "clip model, width 384" in out
+    assert "clip model, width 384, 12 blocks" in out
     assert "clip embedding: (1, 9216)" in out
     assert "frame embeddings: (1, 50, 384)" in out
 

@@ -229,7 +229,7 @@ def test_list_models():
     assert DEFAULT_MODEL == "atst-frame-base"
     assert set(models) == {
         "atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base",
-        "atst-frame-base-desed",
+        "atst-frame-base-desed", "atst-frame-mini",
     }
     assert models["atst-clip-base"].clip_embedding_size(12) == 18432
     assert models["atst-frame-small"].frame_embedding_size(1) == 384
@@ -238,5 +238,8 @@ def test_list_models():
     assert desed.repo_id == "igonzf/ATST-SED" and desed.filename == "model.pth"
     assert desed.num_bytes == 346_657_710
     assert desed.sha256 == "295e9c10c4ce4d3106d5110ff51fea04ddb2173302bd5b3d546a6eef6cb119ae"
+    mini = models["atst-frame-mini"]
+    assert mini.packaged and (mini.embed_dim, mini.depth) == (256, 6) and mini.clip_embedding_size() == 1536
+    assert not any(entry.packaged for name, entry in models.items() if name != "atst-frame-mini")
     for entry in models.values():
         assert entry.license and entry.citation and entry.source_url.startswith("https://")

@@ -172,6 +172,15 @@ def test_full_size_crop_is_identity():
     torch.testing.assert_close(crop(x), x, rtol=0, atol=1e-5)
 
 
+def test_frame_freq_scale_option():
+    from atst_features.training.module import FramePretraining
+
+    small = dict(embed_dim=64, depth=1, num_heads=2, projector_hidden_dim=32, projector_out_dim=16)
+    assert FramePretraining(**small).crop.freq_scale == (0.6, 1.5)  # the reference's student view
+    module = FramePretraining(**small, freq_scale=[1.0, 1.0])  # frame-mini: no spectral zoom
+    assert module.crop.freq_scale == (1.0, 1.0) and list(module.hparams.freq_scale) == [1.0, 1.0]
+
+
 # ------------------------------------------------------------------ BYOL loss, EMA, diagnostics
 def test_byol_loss_values():
     z = torch.randn(10, 16)

@@ -24,12 +24,12 @@ __all__ = [
 ]
 
 
-def get_frame_embeddings(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int = 12):
+def get_frame_embeddings(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int | None = None):
     """Frame embeddings ``[B, T, n_blocks * D]`` and timestamps ``[B, T]`` in ms; see
     :meth:`ATSTModel.get_frame_embeddings`."""
     return model.get_frame_embeddings(audio, sample_rate=sample_rate, n_blocks=n_blocks)
 
 
-def get_clip_embedding(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int = 12):
+def get_clip_embedding(audio, model: ATSTModel, *, sample_rate: int | None = None, n_blocks: int | None = None):
     """Clip embedding ``[B, model.clip_embedding_size(n_blocks)]``; see :meth:`ATSTModel.get_clip_embedding`."""
     return model.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=n_blocks)

@@ -131,11 +131,12 @@ def models(as_json: bool) -> None:
     click.echo(header)
     click.echo("-" * len(header))
     for entry in entries:
+        where = "(ships in the package)" if entry.packaged else entry.repo_id
         click.echo(
             f"{entry.name:<23} {entry.kind:<6} {entry.size:<6} {entry.frame_embedding_size():>6} "
-            f"{entry.clip_embedding_size():>6}  {entry.repo_id:<32} {entry.license}"
+            f"{entry.clip_embedding_size():>6}  {where:<32} {entry.license}"
         )
-    click.echo("\nframe / clip: embedding sizes with all 12 blocks (n_blocks=1: divide by 12).")
+    click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
 
 
 # ---------------------------------------------------------------------------------------------- atst-embed
@@ -279,8 +280,8 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
               help="Registry name (atst-models), Hub id, model folder or checkpoint file.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--n-blocks", type=click.IntRange(min=1), default=12, show_default=True,
-              help="Concatenate the outputs of the last N transformer blocks.")
+@click.option("--n-blocks", type=click.IntRange(min=1), default=None,
+              help="Concatenate the outputs of the last N transformer blocks [default: all of the model's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="10 s windows per encoder pass.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -343,6 +344,8 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
     except (*EXPECTED_ERRORS, RuntimeError) as error:
         run.bar.close()
         raise click.ClickException(str(error).splitlines()[0]) from None
+    if n_blocks is None:
+        n_blocks = model.depth
     if n_blocks > model.depth:
         run.bar.close()
         raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")

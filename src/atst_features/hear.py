@@ -4,8 +4,8 @@
     python -m heareval.embeddings.runner atst_features.hear --model atstframe_base.ckpt \\
         --model-options '{"n_blocks": 12}'
 
-Defaults reproduce the paper's HEAR-style setting: all 12 blocks concatenated, for both scene and
-timestamp embeddings. Declared sizes are the sizes produced (unlike the reference's module, which
+Defaults reproduce the paper's HEAR-style setting: all blocks concatenated (12 for the paper's
+models, 6 for atst-frame-mini), for both scene and timestamp embeddings. Declared sizes are the sizes produced (unlike the reference's module, which
 declares ``2 * 12 * D`` scene dimensions and produces ``12 * D``); timestamps are token centres,
 40 ms apart, none beyond the end of the audio.
 """
@@ -31,7 +31,7 @@ class HearModel(torch.nn.Module):
 
     sample_rate = 16000
 
-    def __init__(self, model: ATSTModel, n_blocks: int = 12, batch_size: int = 32) -> None:
+    def __init__(self, model: ATSTModel, n_blocks: int | None = None, batch_size: int = 32) -> None:
         super().__init__()
         self.model = model
         self.scene_embedding_size = int(model.clip_embedding_size(n_blocks))  # validates n_blocks
@@ -40,11 +40,11 @@ class HearModel(torch.nn.Module):
         self.batch_size = batch_size
 
 
-def load_model(model_file_path: str = "", n_blocks: int = 12, batch_size: int = 32) -> HearModel:
+def load_model(model_file_path: str = "", n_blocks: int | None = None, batch_size: int = 32) -> HearModel:
     """Load a model for HEAR: a checkpoint file, a model folder, a registry name or a Hub id
     (empty: the default model, atst-frame-base). The model stays on the CPU (the evaluation kit
     moves it). Options, also from the evaluation kit's ``--model-options`` JSON: ``n_blocks``
-    (last blocks concatenated, default 12), ``batch_size`` (10 s windows per encoder pass)."""
+    (last blocks concatenated, default: all of the model's blocks), ``batch_size`` (10 s windows per encoder pass)."""
     model = _load_atst_model(model_file_path or DEFAULT_MODEL, device="cpu")
     return HearModel(model, n_blocks=n_blocks, batch_size=batch_size)
 

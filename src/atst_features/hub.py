@@ -1,7 +1,9 @@
 """Named models and the Hugging Face Hub: the registry, cached / offline / pinned downloads, integrity.
 
 Every named checkpoint lives in :data:`REGISTRY` (Hub repository, pinned revision, file, sha256 of
-the weights when known, sizes, licence, citation, official download). Downloads go through
+the weights when known, sizes, licence, citation, official download). Models that ship inside the
+package (``atst-frame-mini``) resolve to the installed files, with no network and no cache, after
+the same sha256 check. Downloads go through
 huggingface_hub and honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and
 tokens (``HF_TOKEN`` or ``huggingface-cli login``), read when the download happens. A weights file
 whose sha256 differs from the registry's, or from the Hub's own LFS hash, is never used.
@@ -33,6 +35,10 @@ __all__ = [
 
 HUB_ORGANISATION = "atst-features"
 DEFAULT_MODEL = "atst-frame-base"
+OFFLINE_MODEL = "atst-frame-mini"  # ships in the package: works with no network
+PACKAGED_MODELS = Path(__file__).parent / "models"
+MINI_SHA256 = "6fa334b8e66872c20d1a6f80da1050280ade530a6b38a02893a7299362b64780"
+MINI_BYTES = 19_466_168
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -56,7 +62,8 @@ class DownloadError(OSError):
 @dataclass(frozen=True)
 class PretrainedModel:
     """One registry entry. ``filename`` is ``model.safetensors`` for repositories in our format,
-    or the checkpoint file of a third-party repository; ``revision`` None means the default branch."""
+    or the checkpoint file of a third-party repository; ``revision`` None means the default branch;
+    ``packaged``: the model folder ships inside this package (``atst_features/models/<name>``)."""
 
     name: str
     kind: str
@@ -72,12 +79,14 @@ class PretrainedModel:
     source_url: str
     description: str
     citation: str = ATST_CITATION
+    packaged: bool = False
 
-    def frame_embedding_size(self, n_blocks: int = 12) -> int:
-        return n_blocks * self.embed_dim
+    def frame_embedding_size(self, n_blocks: int | None = None) -> int:
+        """``n_blocks`` (default: all) times the width."""
+        return (n_blocks or self.depth) * self.embed_dim
 
-    def clip_embedding_size(self, n_blocks: int = 12) -> int:
-        return (2 if self.kind == "clip" else 1) * n_blocks * self.embed_dim
+    def clip_embedding_size(self, n_blocks: int | None = None) -> int:
+        return (2 if self.kind == "clip" else 1) * (n_blocks or self.depth) * self.embed_dim
 
     @property
     def in_our_format(self) -> bool:
@@ -157,6 +166,23 @@ REGISTRY: dict[str, PretrainedModel] = {
             description="ATST-Frame base fine-tuned for sound event detection on DESED (ATST-SED)",
             citation=ATST_SED_CITATION,
         ),
+        PretrainedModel(
+            name=OFFLINE_MODEL,
+            kind="frame",
+            size="mini",
+            embed_dim=256,
+            depth=6,
+            repo_id=f"{HUB_ORGANISATION}/{OFFLINE_MODEL}",
+            filename=WEIGHTS_NAME,
+            revision=None,
+            sha256=MINI_SHA256,
+            num_bytes=MINI_BYTES,
+            license="cc-by-sa-4.0",
+            source_url="https://pypi.org/project/atst-features/",
+            description="ATST-Frame mini (6 x 256), pretrained by atst-features on 7 h of openly licensed audio; "
+            "ships in the package, works offline: a demo and test model",
+            packaged=True,
+        ),
     )
 }
 
@@ -199,7 +225,8 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def _verify(path: Path, expected: str | None, what: str) -> None:
+def _verify(path: Path, expected: str | None, what: str,
+            fix: str = "download it again with load_model(..., force_download=True)") -> None:
     """Check a downloaded file against an expected sha256 (the registry's, or the Hub's LFS hash,
     which names the cached blob)."""
     if expected is None:
@@ -211,7 +238,7 @@ def _verify(path: Path, expected: str | None, what: str) -> None:
     if actual != expected:
         raise ChecksumError(
             f"{str(path)!r} ({what}): sha256 {actual} is not the expected {expected}; the file is corrupted or "
-            "was changed: download it again with load_model(..., force_download=True)"
+            f"was changed: {fix}"
         )
 
 
@@ -226,10 +253,13 @@ def download(
 
     Returns the local folder (our format) or checkpoint file (third-party registry entries), after
     checking the weights' sha256. Works offline from the cache (``HF_HUB_OFFLINE=1``, or no network).
+    A packaged model (``atst-frame-mini``) is the installed folder itself: no network, no cache.
     """
+    entry = REGISTRY.get(source)
+    if entry is not None and entry.packaged and revision is None:
+        return packaged_folder(entry)
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    entry = REGISTRY.get(source)
     repo_id = entry.repo_id if entry else source
     revision = revision or (entry.revision if entry else None)
     filename = entry.filename if entry else WEIGHTS_NAME
@@ -256,6 +286,17 @@ def download(
         return path
 
 
+def packaged_folder(entry: PretrainedModel) -> Path:
+    """The folder of a model that ships inside the package, after checking its weights' sha256."""
+    folder = PACKAGED_MODELS / entry.name
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file() or not (folder / CONFIG_NAME).is_file():
+        raise DownloadError(f"{entry.name!r} should ship in the package at {str(folder)!r}, but its files are missing: "
+                            "reinstall atst-features")
+    _verify(weights, entry.sha256, f"{entry.name}, packaged with atst-features", fix="reinstall atst-features")
+    return folder
+
+
 @contextmanager
 def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry: PretrainedModel | None):
     """Turn huggingface_hub's exceptions into one-line errors that say what to do."""
@@ -277,7 +318,7 @@ def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry
             f"cannot download {where}: {reason} and it is not in the cache {_cache_dir(None)!r}; to work "
             "offline, load a model downloaded before (it is used from the cache, also with HF_HUB_OFFLINE=1), "
             "a local folder (load_model('path/to/folder')) or an official checkpoint file "
-            "(load_model('atstframe_base.ckpt'))"
+            f"(load_model('atstframe_base.ckpt')); {OFFLINE_MODEL!r} ships inside the package and needs no download"
         ) from None
     except GatedRepoError:
         raise DownloadError(f"{where} is gated or private: log in (huggingface-cli login) or set HF_TOKEN") from None
@@ -288,7 +329,8 @@ def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry
         if entry is not None and entry.in_our_format:
             message += (
                 f"; {source!r} may not be published yet: download the official checkpoint "
-                f"({entry.source_url}) and load the file, or convert it with atst-convert"
+                f"({entry.source_url}) and load the file, or convert it with atst-convert; "
+                f"{OFFLINE_MODEL!r} ships inside the package and needs no download"
             )
         raise DownloadError(message) from None
     except EntryNotFoundError:

@@ -147,24 +147,27 @@ class ATSTModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.pos_embed.dtype
 
-    def frame_embedding_size(self, n_blocks: int = 12) -> int:
+    def frame_embedding_size(self, n_blocks: int | None = None) -> int:
         """Size of one frame embedding: ``n_blocks * embed_dim``."""
         return self._check_n_blocks(n_blocks) * self.embed_dim
 
-    def clip_embedding_size(self, n_blocks: int = 12) -> int:
+    def clip_embedding_size(self, n_blocks: int | None = None) -> int:
         """Size of the clip embedding: ``2 * n_blocks * D`` for ATST-Clip (CLS and token mean) and
         for ATST-Frame with prompt tokens (token mean and prompt mean), else ``n_blocks * D``."""
         parts = 2 if self.config.encoder.cls_token or self.config.encoder.n_prompts else 1
         return parts * self._check_n_blocks(n_blocks) * self.embed_dim
 
-    def _check_n_blocks(self, n_blocks: int) -> int:
+    def _check_n_blocks(self, n_blocks: int | None) -> int:
+        """``n_blocks`` validated; None means every block of the model (12 for the paper's models)."""
+        if n_blocks is None:
+            return self.depth
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks <= self.depth:
             raise ValueError(f"n_blocks must be an integer in 1..{self.depth}, got {n_blocks!r}")
         return n_blocks
 
     # ---------------------------------------------------------------- public API
     def get_frame_embeddings(
-        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+        self, audio, *, sample_rate: int | None = None, n_blocks: int | None = None, batch_size: int = 32
     ) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
         """Frame embeddings, one per 40 ms, and their timestamps (token centres, ``40 * i + 15`` ms).
 
@@ -173,19 +176,19 @@ class ATSTModel(nn.Module):
         ``T = (1 + N // 160) // 4`` tokens for ``N`` samples at 16 kHz (at least 1): every timestamp
         lies inside the audio. ``batch_size``: 10 s windows per encoder pass.
         """
-        self._check_n_blocks(n_blocks)
+        n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         with self._inference():
             frames, timestamps, _ = self._frames(waves, is_list, n_blocks, batch_size, pooling=None)
         return frames, timestamps
 
     def get_embeddings(
-        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+        self, audio, *, sample_rate: int | None = None, n_blocks: int | None = None, batch_size: int = 32
     ) -> tuple[Tensor, Tensor | list[Tensor], Tensor | list[Tensor]]:
         """``(clip, frames, timestamps)``: :meth:`get_clip_embedding` and :meth:`get_frame_embeddings`
         together. ATST-Frame / C2F compute both in one encoder pass; ATST-Clip runs its 6 s chunk
         pass for the clip embedding as well."""
-        self._check_n_blocks(n_blocks)
+        n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         with self._inference():
             pooling = None if self.config.encoder.cls_token else _FramePooling(self, len(waves), n_blocks)
@@ -195,14 +198,14 @@ class ATSTModel(nn.Module):
         return clip.to(self.dtype), frames, timestamps
 
     def iter_frame_embeddings(
-        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+        self, audio, *, sample_rate: int | None = None, n_blocks: int | None = None, batch_size: int = 32
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Frame embeddings of one clip, in time order, ``batch_size`` windows (10 s each) at a time.
 
         Yields ``(first_index, embeddings [k, n_blocks * D], timestamps [k])``: for hour-long audio,
         write each piece out instead of holding ``[T, n_blocks * D]`` in memory.
         """
-        self._check_n_blocks(n_blocks)
+        n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         if is_list or len(waves) != 1:
             raise ValueError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
@@ -224,7 +227,7 @@ class ATSTModel(nn.Module):
             yield from pieces
 
     def get_clip_embedding(
-        self, audio, *, sample_rate: int | None = None, n_blocks: int = 12, batch_size: int = 32
+        self, audio, *, sample_rate: int | None = None, n_blocks: int | None = None, batch_size: int = 32
     ) -> Tensor:
         """One embedding per clip, ``[B, clip_embedding_size(n_blocks)]``.
 
@@ -233,7 +236,7 @@ class ATSTModel(nn.Module):
         outputs of the last ``n_blocks`` blocks, then their token means, averaged over 6 s chunks
         (a chunk after the first counts when it holds more than 3 s).
         """
-        self._check_n_blocks(n_blocks)
+        n_blocks = self._check_n_blocks(n_blocks)
         waves, _ = self._prepare(audio, sample_rate)
         with self._inference():
             if self.config.encoder.cls_token:

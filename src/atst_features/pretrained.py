@@ -86,6 +86,22 @@ def save_pretrained(
     return directory
 
 
+def card_metadata(license: str) -> str:
+    """The Hub's YAML front matter of a model card in our format."""
+    return f"""---
+library_name: atst-features
+license: {license}
+tags:
+- audio
+- audio-embeddings
+- self-supervised-learning
+- atst
+- hear
+pipeline_tag: feature-extraction
+---
+"""
+
+
 def model_card(config: dict, name: str) -> str:
     """The Hugging Face model card: Hub metadata, usage, sizes, provenance, citation."""
     model = config["model"]
@@ -95,18 +111,7 @@ def model_card(config: dict, name: str) -> str:
     provenance = config["provenance"]
     source = provenance.get("source_file", "unknown")
     digest = provenance.get("source_sha256")
-    return f"""---
-library_name: atst-features
-license: {config["license"]}
-tags:
-- audio
-- audio-embeddings
-- self-supervised-learning
-- atst
-- hear
-pipeline_tag: feature-extraction
----
-
+    return f"""{card_metadata(config["license"])}
 # {name}: {kind} (width {width})
 
 {kind} encoder of the Audio Teacher-Student Transformer (Li, Shao, Li, TASLP 2024,

@@ -190,6 +190,8 @@ class FramePretraining(ATSTPretraining):
 
     ``mask_ratio`` / ``mask_span`` / ``min_spans``: fairseq "static" spans (about 50 % masked for
     0.65); ``exact_mask_ratio``: non-overlapping spans masking ``mask_ratio`` of the tokens.
+    ``freq_scale``: the student view's random frequency crop, as a share of the mel bins
+    (the reference's ``(0.6, 1.5)``; ``[1.0, 1.0]`` turns it off: no invariance to spectral zoom).
     """
 
     cls_token = False
@@ -200,11 +202,14 @@ class FramePretraining(ATSTPretraining):
         mask_span: int = 5,
         min_spans: int = 2,
         exact_mask_ratio: bool = False,
+        freq_scale: list[float] = [0.6, 1.5],  # noqa: B006 - read only; a list for the CLI
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.mixup = Mixup(self.hparams.mixup_ratio, self.hparams.mixup_memory)
-        self.crop = RandomResizeCrop((1.0, 1.0), time_scale=(1.0, 1.0), canvas_value=self.hparams.canvas_value)
+        self.crop = RandomResizeCrop(
+            (1.0, 1.0), freq_scale=tuple(freq_scale), time_scale=(1.0, 1.0), canvas_value=self.hparams.canvas_value
+        )
 
     def views(self, batch):
         (waveforms,) = _check_crops(batch, 1)

@@ -1,0 +1,122 @@
+"""Labelled audio for probes and downstream training: manifests and label folders.
+
+A manifest is a CSV or TSV file with a header:
+
+- ``path`` (or ``file``, ``filename``, ``audio``...): the audio file, relative to the manifest's folder;
+- ``label`` (one class per row: single-label) or ``labels`` (several, separated by ``;`` or ``,``:
+  multi-label);
+- optional ``split`` (``train``, ``valid`` or ``test``) and ``group`` (items of one group, e.g.
+  clips cut from one recording, always land on the same side of a split).
+
+A folder ``root/<label>/*.wav`` is a shortcut for a single-label manifest without splits.
+Label names are kept in the order they first appear. A bad row raises :class:`InputError`
+naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..inputs import AUDIO_SUFFIXES, InputError, scan_folder
+
+__all__ = ["SPLITS", "LabelledItem", "LabelledSet", "read_labelled"]
+
+SPLITS = ("train", "valid", "test")
+_PATH_COLUMNS = ("path", "filepath", "file", "filename", "audio", "audio_path")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
+                  "dev": "valid", "test": "test", "eval": "test", "evaluation": "test"}
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    """One audio file, its labels, and where it belongs (``split``, ``group``; None when not given)."""
+
+    path: Path
+    labels: tuple[str, ...]
+    split: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Items, their label names (in order of first appearance) and whether rows carry several labels."""
+
+    items: tuple[LabelledItem, ...]
+    label_names: tuple[str, ...]
+    multi_label: bool
+
+    def split(self, name: str) -> list[LabelledItem]:
+        return [item for item in self.items if item.split == name]
+
+    @property
+    def has_splits(self) -> bool:
+        return all(item.split is not None for item in self.items)
+
+
+def _folder(root: Path) -> LabelledSet:
+    items = []
+    for entry in scan_folder(root):
+        parts = entry.relative.parts
+        if len(parts) < 2:
+            raise InputError(f"{str(entry.path)!r} lies directly in {str(root)!r}; put each file in a folder named by its label")
+        items.append(LabelledItem(entry.path, (parts[0],)))
+    if not items:
+        raise InputError(f"{str(root)!r}: no audio files in label folders (expected {root}/<label>/*.wav)")
+    names = tuple(dict.fromkeys(item.labels[0] for item in items))
+    return LabelledSet(tuple(items), names, multi_label=False)
+
+
+def read_labelled(source: str | os.PathLike) -> LabelledSet:
+    """Read a labelled manifest (CSV/TSV) or a folder of label folders; see the module docstring."""
+    source = Path(source)
+    if source.is_dir():
+        return _folder(source)
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{str(source)!r}: cannot read the manifest ({error})") from None
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(lines) < 2:
+        raise InputError(f"{str(source)!r}: a labelled manifest needs a header and at least one row")
+    delimiter = "\t" if "\t" in lines[0] else ","
+    rows = list(csv.reader(lines, delimiter=delimiter))
+    header = [cell.strip().lower() for cell in rows[0]]
+    path_column = next((header.index(name) for name in _PATH_COLUMNS if name in header), None)
+    if path_column is None:
+        raise InputError(f"{str(source)!r}: no path column in the header {rows[0]}; name one of {', '.join(_PATH_COLUMNS)}")
+    if "label" in header and "labels" in header:
+        raise InputError(f"{str(source)!r}: both 'label' and 'labels' columns; keep one ('labels' for multi-label)")
+    if "label" not in header and "labels" not in header:
+        raise InputError(f"{str(source)!r}: no 'label' (single-label) or 'labels' (multi-label) column in {rows[0]}")
+    multi = "labels" in header
+    label_column = header.index("labels" if multi else "label")
+    split_column = header.index("split") if "split" in header else None
+    group_column = header.index("group") if "group" in header else None
+    items = []
+    for number, row in enumerate(rows[1:], start=2):
+        where = f"{str(source)!r} line {number}"
+        cell = lambda column: row[column].strip() if column is not None and column < len(row) else ""  # noqa: E731
+        if not cell(path_column):
+            raise InputError(f"{where}: empty path")
+        path = Path(cell(path_column)).expanduser()
+        path = path if path.is_absolute() else source.parent / path
+        if not path.is_file():
+            raise InputError(f"{where}: no such audio file {str(path)!r}; fix the path (relative paths start at the manifest's folder)")
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise InputError(f"{where}: {path.name!r} is not an audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
+        labels = tuple(label.strip() for label in re.split(r"[;,]", cell(label_column)) if label.strip()) if multi \
+            else ((cell(label_column),) if cell(label_column) else ())
+        if not labels and not multi:
+            raise InputError(f"{where}: empty label")
+        split = None
+        if split_column is not None:
+            split = _SPLIT_ALIASES.get(cell(split_column).lower())
+            if split is None:
+                raise InputError(f"{where}: unknown split {cell(split_column)!r}; use train, valid or test")
+        items.append(LabelledItem(path, labels, split, cell(group_column) or None))
+    names = tuple(dict.fromkeys(label for item in items for label in item.labels))
+    return LabelledSet(tuple(items), names, multi_label=multi)
