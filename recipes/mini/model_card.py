@@ -158,7 +158,7 @@ token per 40 ms), {encoder["depth"]} transformer blocks of width {encoder["embed
 - Objective: the reference ATST-Frame recipe (fairseq span masks, Mixup with a memory bank on the
   student view, BYOL loss on masked frames, EMA teacher, cosine schedules of lr, weight decay and
   momentum, AdamW); the student view's random frequency crop is
-  {"off (`freq_scale: [1.0, 1.0]`)" if list(hparams.get("freq_scale", [0.6, 1.5])) == [1.0, 1.0] else "on, as the reference"}. Changed for a run about 400 times shorter than
+  {"off (`freq_scale: [1.0, 1.0]`)" if list(hparams.get("freq_scale", [0.6, 1.5])) == [1.0, 1.0] else "on, as the reference"}. Changed for a run about 500 times shorter than
   the paper's: 4 s crops, batch {preset["data"]["batch_size"]}, {hparams["max_steps"]} steps ({hparams["warmup_steps"]} warm-up), base learning rate
   {hparams["learning_rate"]} per 256 clips (peak {hparams["learning_rate"] * preset["data"]["batch_size"] / 256:.1e}), EMA base {hparams["ema"]}, heads
   {hparams["projector_hidden_dim"]} wide; the EMA teacher {"without DropPath (`teacher_eval`)" if hparams.get("teacher_eval") else "in training mode, as the reference"}.

@@ -5,9 +5,9 @@
         --model-options '{"n_blocks": 12}'
 
 Defaults reproduce the paper's HEAR-style setting: all blocks concatenated (12 for the paper's
-models, 6 for atst-frame-mini), for both scene and timestamp embeddings. Declared sizes are the sizes produced (unlike the reference's module, which
-declares ``2 * 12 * D`` scene dimensions and produces ``12 * D``); timestamps are token centres,
-40 ms apart, none beyond the end of the audio.
+models, 6 for atst-frame-mini), for both scene and timestamp embeddings. Declared sizes are the
+sizes produced (unlike the reference's module, which declares ``2 * 12 * D`` scene dimensions and
+produces ``12 * D``); timestamps are token centres, 40 ms apart, none beyond the end of the audio.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs", "read_manifest", "scan_folder"]
+__all__ = [
+    "AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs", "manifest_lines", "path_column", "read_manifest",
+    "scan_folder",
+]
 
 AUDIO_SUFFIXES = frozenset(
     {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
@@ -60,13 +63,29 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def manifest_lines(text: str) -> list[str]:
+    """A manifest's non-empty lines that are not ``#`` comments."""
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def path_column(manifest: Path, header_row: list[str]) -> int:
+    """Index of the path column in a CSV / TSV header row; :class:`InputError` naming the accepted names otherwise."""
+    header = [cell.strip().lower() for cell in header_row]
+    column = next((header.index(name) for name in _PATH_COLUMNS if name in header), None)
+    if column is None:
+        raise InputError(
+            f"{str(manifest)!r}: no path column in the header {header_row}; name one of {', '.join(_PATH_COLUMNS)}"
+        )
+    return column
+
+
 def read_manifest(manifest: str | os.PathLike) -> list[tuple[Path, float | None]]:
     """Paths (and durations in seconds, when a ``duration`` column gives them) listed by a manifest:
     one path per line (``#`` starts a comment), or a CSV / TSV whose header names a path column.
     Relative paths are relative to the manifest's folder."""
     manifest = Path(manifest)
     text = manifest.read_text(encoding="utf-8-sig")
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = manifest_lines(text)
     if not lines:
         return []
     delimiter = "\t" if "\t" in lines[0] else "," if "," in lines[0] else None
@@ -74,11 +93,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[tuple[Path, float | None]
     if delimiter or manifest.suffix.lower() in {".csv", ".tsv"}:
         rows = list(csv.reader(lines, delimiter=delimiter or ","))
         header = [cell.strip().lower() for cell in rows[0]]
-        column = next((header.index(name) for name in _PATH_COLUMNS if name in header), None)
-        if column is None:
-            raise InputError(
-                f"{str(manifest)!r}: no path column in the header {rows[0]}; name one of {', '.join(_PATH_COLUMNS)}"
-            )
+        column = path_column(manifest, rows[0])
         seconds = header.index("duration") if "duration" in header else None
         entries = []
         for number, row in enumerate(rows[1:], start=2):

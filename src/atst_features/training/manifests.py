@@ -21,12 +21,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inputs import AUDIO_SUFFIXES, InputError, scan_folder
+from ..inputs import AUDIO_SUFFIXES, InputError, manifest_lines, path_column, scan_folder
 
 __all__ = ["SPLITS", "LabelledItem", "LabelledSet", "read_labelled"]
 
 SPLITS = ("train", "valid", "test")
-_PATH_COLUMNS = ("path", "filepath", "file", "filename", "audio", "audio_path")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
                   "dev": "valid", "test": "test", "eval": "test", "evaluation": "test"}
 
@@ -79,15 +78,13 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
         text = source.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{str(source)!r}: cannot read the manifest ({error})") from None
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = manifest_lines(text)
     if len(lines) < 2:
         raise InputError(f"{str(source)!r}: a labelled manifest needs a header and at least one row")
     delimiter = "\t" if "\t" in lines[0] else ","
     rows = list(csv.reader(lines, delimiter=delimiter))
     header = [cell.strip().lower() for cell in rows[0]]
-    path_column = next((header.index(name) for name in _PATH_COLUMNS if name in header), None)
-    if path_column is None:
-        raise InputError(f"{str(source)!r}: no path column in the header {rows[0]}; name one of {', '.join(_PATH_COLUMNS)}")
+    path_at = path_column(source, rows[0])
     if "label" in header and "labels" in header:
         raise InputError(f"{str(source)!r}: both 'label' and 'labels' columns; keep one ('labels' for multi-label)")
     if "label" not in header and "labels" not in header:
@@ -100,9 +97,9 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
     for number, row in enumerate(rows[1:], start=2):
         where = f"{str(source)!r} line {number}"
         cell = lambda column: row[column].strip() if column is not None and column < len(row) else ""  # noqa: E731
-        if not cell(path_column):
+        if not cell(path_at):
             raise InputError(f"{where}: empty path")
-        path = Path(cell(path_column)).expanduser()
+        path = Path(cell(path_at)).expanduser()
         path = path if path.is_absolute() else source.parent / path
         if not path.is_file():
             raise InputError(f"{where}: no such audio file {str(path)!r}; fix the path (relative paths start at the manifest's folder)")

@@ -211,13 +211,13 @@ def linear_probe(
     fold = torch.tensor(grouped_folds(groups, folds, seed))
     if len(set(groups)) < folds:
         raise InputError(f"the train split needs at least {folds} groups (recordings) to choose the L2 strength")
+    splits = [(*_standardise(train[fold != held], train[fold == held]), fold != held) for held in range(folds)]
     best = None
     for l2 in sorted(l2_grid, reverse=True):
         scores = []
-        for held in range(folds):
-            fit_x, held_x = _standardise(train[fold != held], train[fold == held])
-            weight, bias = fit_linear(fit_x, y_train[fold != held], l2, multi_label)
-            scores.append(_score(held_x, y_train[fold == held], weight, bias, multi_label))
+        for fit_x, held_x, fitted in splits:
+            weight, bias = fit_linear(fit_x, y_train[fitted], l2, multi_label)
+            scores.append(_score(held_x, y_train[~fitted], weight, bias, multi_label))
         score = float(np.nanmean(scores))
         if best is None or score > best[1] + 1e-12:
             best = (l2, score)
