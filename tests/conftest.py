@@ -17,6 +17,15 @@ recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (atst-probe's embeddings) go to a temporary folder, never the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 def recipe_state_dict(fmt: str, only_prefix: str = "") -> dict[str, torch.Tensor]:
     """State dict of a fixture format (``tests/data/formats/<fmt>.json``), values from the recipe."""
     spec = json.loads((DATA / "formats" / f"{fmt}.json").read_text())
@@ -106,3 +115,15 @@ def expected_frame_small():
 def waveform(seconds: float, seed: int = 0) -> np.ndarray:
     """Audio-like test signal from the parity recipe (tones, noise, 0.25 s of silence first)."""
     return recipe.waveform(seconds, seed)
+
+
+def write_audio(path: Path, seconds: float = 0.5, freq: float = 440.0, noise: float = 0.0, seed: int = 0) -> Path:
+    """A 16 kHz WAV file: a sine of ``freq`` Hz (amplitude 0.3) plus Gaussian noise of std ``noise``."""
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    audio = 0.3 * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, audio.astype(np.float32), 16000)
+    return path

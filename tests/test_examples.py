@@ -38,7 +38,7 @@ def test_quickstart_checkpoint_and_audio_file(clip_small_ckpt, tmp_path):
     assert "frame embeddings: (1, 50, 384)" in out
 
 
-def test_pretrain_tiny_example():
+def needs_atst_train() -> None:
     import shutil
 
     import pytest
@@ -46,5 +46,18 @@ def test_pretrain_tiny_example():
     pytest.importorskip("lightning")
     if not shutil.which("atst-train"):
         pytest.skip("atst-train is not installed as a command")
+
+
+def test_pretrain_tiny_example():
+    needs_atst_train()
     out = run(str(EXAMPLES / "pretrain_tiny.py"))
     assert "trained model: width 64, 2 blocks; frames (1, " in out
+
+
+def test_finetune_and_tag_example():
+    needs_atst_train()
+    out = run(str(EXAMPLES / "finetune_and_tag.py"))
+    assert "labels: ['chirp', 'knock']" in out
+    tagged = out.splitlines()[-2:]  # atst-tag's table: the true class first
+    clip = out.splitlines()[-3]
+    assert tagged[0].split()[1] == Path(clip).parent.name

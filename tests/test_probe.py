@@ -6,38 +6,21 @@ import json
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 from click.testing import CliRunner
+from conftest import write_audio
 
 from atst_features.inputs import InputError
-from atst_features.training.manifests import read_labelled
-from atst_features.training.probe import (
-    average_precision,
-    fit_linear,
-    grouped_folds,
-    grouped_holdout,
-    linear_probe,
-    main,
-    mean_average_precision,
-)
+from atst_features.training.manifests import grouped_folds, grouped_holdout, read_labelled
+from atst_features.training.metrics import average_precision, mean_average_precision
+from atst_features.training.probe import fit_linear, linear_probe, main
 
-RATE = 16000
-
-
-def write(path, seconds=0.5, freq=440.0, noise=0.0, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    audio = 0.3 * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(path, audio.astype(np.float32), RATE)
-    return path
 
 
 # ------------------------------------------------------------------------------------------ manifests
 def test_single_label_manifest_with_splits_and_groups(tmp_path):
     for name in ("a.wav", "b.wav", "c.wav"):
-        write(tmp_path / "audio" / name)
+        write_audio(tmp_path / "audio" / name)
     manifest = tmp_path / "set.csv"
     manifest.write_text("path,label,split,group\naudio/a.wav,dog,train,r1\naudio/b.wav,cat,validation,r2\n"
                         "audio/c.wav,dog,test,r3\n")
@@ -49,8 +32,8 @@ def test_single_label_manifest_with_splits_and_groups(tmp_path):
 
 
 def test_multi_label_tsv(tmp_path):
-    write(tmp_path / "a.wav")
-    write(tmp_path / "b.wav")
+    write_audio(tmp_path / "a.wav")
+    write_audio(tmp_path / "b.wav")
     manifest = tmp_path / "set.tsv"
     manifest.write_text("file\tlabels\na.wav\tSpeech;Music\nb.wav\tMusic, Dog\n")
     data = read_labelled(manifest)
@@ -59,8 +42,8 @@ def test_multi_label_tsv(tmp_path):
 
 
 def test_label_folders(tmp_path):
-    write(tmp_path / "dog" / "1.wav")
-    write(tmp_path / "cat" / "2.flac")
+    write_audio(tmp_path / "dog" / "1.wav")
+    write_audio(tmp_path / "cat" / "2.flac")
     data = read_labelled(tmp_path)
     assert sorted(data.label_names) == ["cat", "dog"]
     assert {item.path.name: item.labels for item in data.items} == {"1.wav": ("dog",), "2.flac": ("cat",)}
@@ -77,7 +60,7 @@ def test_label_folders(tmp_path):
     ],
 )
 def test_bad_rows_name_the_line(tmp_path, rows, message):
-    write(tmp_path / "a.wav")
+    write_audio(tmp_path / "a.wav")
     manifest = tmp_path / "set.csv"
     manifest.write_text(rows)
     with pytest.raises(InputError, match=message):
@@ -135,8 +118,8 @@ def two_class_set(tmp_path):
     rows = ["path,label,split,group"]
     for index in range(16):
         split = "test" if index % 4 == 0 else "train"
-        low = write(tmp_path / "tone" / f"{index}.wav", seconds=1.0, freq=150 + 10 * index)
-        noise = write(tmp_path / "hiss" / f"{index}.wav", seconds=1.0, freq=0.0, noise=0.3, seed=index)
+        low = write_audio(tmp_path / "tone" / f"{index}.wav", seconds=1.0, freq=150 + 10 * index)
+        noise = write_audio(tmp_path / "hiss" / f"{index}.wav", seconds=1.0, freq=0.0, noise=0.3, seed=index)
         rows += [f"{low.relative_to(tmp_path)},tone,{split},t{index}", f"{noise.relative_to(tmp_path)},hiss,{split},n{index}"]
     manifest = tmp_path / "set.csv"
     manifest.write_text("\n".join(rows) + "\n")
@@ -165,3 +148,23 @@ def test_atst_probe_reports_bad_manifest_in_one_line(tmp_path):
     result = CliRunner().invoke(main, [str(manifest), "--model", "logmel"])
     assert result.exit_code == 1
     assert "line 2: no such audio file" in result.output and "Traceback" not in result.output
+
+
+def test_atst_probe_reference_protocol_and_its_cache(tmp_path, frame_small_ckpt):
+    manifest = two_class_set(tmp_path)
+    cache, out = tmp_path / "cache", tmp_path / "probe.json"
+    arguments = [str(manifest), "--model", str(frame_small_ckpt), "--model", "logmel", "--protocol", "reference",
+                 "--learning-rate", "0.1", "--learning-rate", "1.0", "--epochs", "20", "--n-blocks", "1",
+                 "--device", "cpu", "--cache", str(cache), "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    first = json.loads(out.read_text())
+    assert first["protocol"] == "reference" and "valid 15% of the train groups" in first["split"]
+    for r in first["results"]:
+        assert r["protocol"] == "reference" and r["setting"].startswith(("lr 0.1 ", "lr 1 ")) and r["test"] == 1.0
+        assert r["n_train"] + r["n_test"] < 32  # the valid clips are neither
+    assert len(list(cache.glob("*.pt"))) == 2  # one entry per model
+    stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    assert CliRunner().invoke(main, arguments).exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == stamps  # read, not recomputed
+    assert [r["test"] for r in json.loads(out.read_text())["results"]] == [r["test"] for r in first["results"]]

@@ -17,7 +17,7 @@ import soxr
 import torch
 from torch import Tensor
 
-__all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "load_audio", "resample", "to_waveforms"]
+__all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms"]
 
 BLOCK_FRAMES = 1 << 18  # frames decoded at a time (about 6 s at 44.1 kHz): bounds memory on long files
 CONVERT_HINT = "convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"
@@ -230,3 +230,12 @@ def _resample_tensor(waveform: Tensor, orig_rate: int, target_rate: int, what: s
             f"{what} has {waveform.numel()} sample(s) at {orig_rate} Hz: less than one sample at {target_rate} Hz"
         )
     return torch.from_numpy(out).to(waveform.device)
+
+
+def centre_crop(waveform: np.ndarray, samples: int) -> np.ndarray:
+    """The middle ``samples`` of a longer clip (from ``(N - samples) // 2``, as the reference's
+    fine-tuning and linear evaluation crop); a shorter clip as it is, not padded."""
+    if len(waveform) <= samples:
+        return waveform
+    start = (len(waveform) - samples) // 2
+    return waveform[start : start + samples]

@@ -2,10 +2,12 @@
 
 Accepted: official Lightning checkpoints of ATST-Clip and ATST-Frame (encoder under
 ``model.teacher.encoder.``), the C2F distillation checkpoint (student under ``model.student.``,
-AudioSet head under ``model.linear.``), fine-tuned checkpoints (``encoder.encoder.``), the
-third-party layouts of ATST-SED (``encoder.encoder.frame_encoder.``, ``atst_frame.atst.``),
-the legacy ``{"teacher": ..., "args": ...}`` dicts and bare encoder state dicts, all possibly
-behind ``module.`` / ``backbone.`` prefixes. The architecture comes from ``hyper_parameters``
+AudioSet head under ``model.linear.``), the reference's fine-tuned checkpoints (``encoder.encoder.``,
+head ``head.``), checkpoints of ``atst-train finetune`` (``model.encoder.``, head ``model.head.``,
+label names in ``hyper_parameters``), the third-party layouts of ATST-SED
+(``encoder.encoder.frame_encoder.``, ``atst_frame.atst.``), the legacy ``{"teacher": ..., "args": ...}``
+dicts and bare encoder state dicts, all possibly behind ``module.`` / ``backbone.`` prefixes.
+The architecture comes from ``hyper_parameters``
 where present and otherwise from tensor shapes.
 """
 
@@ -22,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
-from .model import ModelConfig, TaggingHead
+from .heads import LinearHead
+from .model import ModelConfig
 
 __all__ = ["CheckpointError", "CheckpointContents", "read_checkpoint", "parse_state_dict"]
 
@@ -32,13 +35,15 @@ ENCODER_PREFIXES = (
     "model.student.",  # C2F distillation (FrameAST directly under the student)
     "model.teacher.encoder.",  # ATST-Clip / ATST-Frame pretraining (the EMA teacher)
     "encoder.encoder.frame_encoder.",  # ATST-SED
-    "encoder.encoder.",  # fine-tuned ATST-Clip / ATST-Frame
+    "encoder.encoder.",  # fine-tuned ATST-Clip / ATST-Frame (the reference's FineTuningPLModule)
+    "model.encoder.",  # fine-tuned by atst-train finetune
     "atst_frame.atst.",  # ATST-SED
     "encoder.",  # legacy {"teacher": ...} dicts
     "",  # bare encoder state dict
 )
 WRAPPER_PREFIXES = ("module.", "backbone.")
-C2F_HEAD_PREFIX = "model.linear."
+# Where a tagging head (LinearHead: norm.*, linear.*) sits next to the encoder.
+HEAD_PREFIXES = {"model.student.": "model.linear.", "encoder.encoder.": "head.", "model.encoder.": "model.head."}
 
 # Globals that genuine files may hold besides tensors. The legacy pretraining format stores its
 # command line as an argparse.Namespace (reference section 4.2), a plain attribute container.
@@ -58,7 +63,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class CheckpointContents:
-    """What a checkpoint holds for inference: architecture, encoder weights, optional C2F head."""
+    """What a checkpoint holds for inference: architecture, encoder weights, optional tagging head."""
 
     config: ModelConfig
     encoder_state: dict[str, Tensor]
@@ -207,7 +212,7 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], name: str
 def parse_state_dict(
     state_dict: dict[str, Tensor], hyper_parameters: dict | None = None, name: str = "state dict"
 ) -> CheckpointContents:
-    """Locate the encoder (and C2F head) in a flat state dict and infer the model configuration."""
+    """Locate the encoder (and tagging head) in a flat state dict and infer the model configuration."""
     hyper = dict(hyper_parameters or {})
     state = {_strip_wrappers(k): v for k, v in state_dict.items()}
     prefix = _find_encoder(state)
@@ -223,19 +228,22 @@ def parse_state_dict(
     where = f"encoder under {prefix!r}" if prefix else "state dict"
     _check_keys(encoder_state, _expected_state(ATSTEncoder, config), name, where)
 
+    kind = "c2f" if prefix == "model.student." else "clip" if config.cls_token else "frame"
     head_state, num_classes = None, 0
-    kind = "clip" if config.cls_token else "frame"
-    if prefix == "model.student.":
-        kind = "c2f"
-        head_state = {k[len(C2F_HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(C2F_HEAD_PREFIX)}
-        if head_state:
-            if "linear.weight" not in head_state:
-                raise CheckpointError(f"{name}: the C2F head under {C2F_HEAD_PREFIX!r} has no 'linear.weight'")
-            num_classes = int(head_state["linear.weight"].shape[0])
-            _check_keys(head_state, _expected_state(TaggingHead, config.embed_dim, num_classes), name, "C2F head")
-        else:
-            head_state = None
-    model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes)
+    head_prefix = HEAD_PREFIXES.get(prefix)
+    if head_prefix is not None:
+        head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
+    if head_state is not None:
+        if "linear.weight" not in head_state:
+            raise CheckpointError(f"{name}: the tagging head under {head_prefix!r} has no 'linear.weight'")
+        num_classes = int(head_state["linear.weight"].shape[0])
+        parts = 2 if config.cls_token or config.n_prompts else 1
+        _check_keys(head_state, _expected_state(LinearHead, parts * config.embed_dim, num_classes), name, "tagging head")
+    labels = hyper.get("labels") or ()
+    if labels and len(labels) != num_classes:
+        raise CheckpointError(f"{name}: {len(labels)} label names in hyper_parameters for a head of {num_classes} classes")
+    model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes, labels=tuple(labels),
+                               multi_label=bool(hyper.get("multi_label", True)))
     layout = f"{kind} encoder under {prefix!r}" if prefix else f"bare {kind} encoder"
     return CheckpointContents(model_config, encoder_state, head_state, layout, hyper)
 

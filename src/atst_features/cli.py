@@ -1,4 +1,4 @@
-"""Command-line tools: ``atst-embed``, ``atst-convert`` and ``atst-models``.
+"""Command-line tools: ``atst-embed``, ``atst-tag``, ``atst-convert`` and ``atst-models``.
 
 Expected failures (a bad file, no network, a refused overwrite) end with one ``Error: ...`` line
 and exit code 1 (2 for usage errors), never a traceback.
@@ -41,6 +41,19 @@ def one_line_errors(command):
             raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
     return wrapper
+
+
+def _find_items(inputs: tuple[str, ...], manifest: Path | None) -> list[AudioInput]:
+    """The audio files named by INPUTS and --manifest; a usage error when there are none."""
+    if not inputs and manifest is None:
+        raise click.UsageError("give audio files, folders or glob patterns, or --manifest FILE")
+    try:
+        items = find_inputs(list(inputs), manifest)
+    except (InputError, OSError) as error:
+        raise click.UsageError(str(error)) from None
+    if not items:
+        raise click.UsageError(f"no audio files found in {', '.join(inputs) or str(manifest)}")
+    return items
 
 
 def _probe_audio() -> np.ndarray:
@@ -113,7 +126,8 @@ def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, lic
     size = weights.stat().st_size
     click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({size:,} bytes, {size / source_bytes:.0%} of the source), README.md")
     click.echo(f"  sha256 {sha256_of(weights)} (model.safetensors)")
-    click.echo("verified: frame and clip embeddings of the converted model equal the source's")
+    what = "frame and clip embeddings" + (f" and tag logits ({len(original.labels)} classes)" if original.head is not None else "")
+    click.echo(f"verified: {what} of the converted model equal the source's")
     if repo_id:
         commit = push_to_hub(out_dir, repo_id, private=private)
         click.echo(f"pushed  {repo_id} (commit {commit})")
@@ -188,7 +202,8 @@ def _decoded(items: list[AudioInput], workers: int):
 class _Run:
     """Counts, progress and per-file reporting of one atst-embed run."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    def __init__(self, total: int, quiet: bool, verb: str = "embedded") -> None:
+        self.verb = verb
         self.done = self.failed = 0
         self.seconds = 0.0
         self.started = time.perf_counter()
@@ -214,8 +229,8 @@ class _Run:
     def summary(self, skipped: int) -> str:
         elapsed = time.perf_counter() - self.started
         return (
-            f"{self.done} embedded ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
-            f"{skipped} skipped (outputs exist), {self.failed} failed"
+            f"{self.done} {self.verb} ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
+            + (f"{skipped} skipped (outputs exist), " if skipped is not None else "") + f"{self.failed} failed"
         )
 
 
@@ -302,8 +317,6 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
     timestamps [T] (ms, token centres); see the README for the layout of each format.
     Exit status: 0 when every file was embedded (or skipped), 1 when some failed, 2 for usage errors.
     """
-    if not inputs and manifest is None:
-        raise click.UsageError("give audio files, folders or glob patterns, or --manifest FILE")
     if output is not None:
         if output_dir is not None:
             raise click.UsageError("use either -o/--output (one input) or -d/--output-dir, not both")
@@ -312,12 +325,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
             raise click.UsageError("-o/--output takes a .npz or .pt file (for npy use --output-dir)")
         fmt = suffix
     fmt = fmt or "npz"
-    try:
-        items = find_inputs(list(inputs), manifest)
-    except (InputError, OSError) as error:
-        raise click.UsageError(str(error)) from None
-    if not items:
-        raise click.UsageError(f"no audio files found in {', '.join(inputs) or str(manifest)}")
+    items = _find_items(inputs, manifest)
     if output is not None and len(items) != 1:
         raise click.UsageError(f"-o/--output takes exactly one input, got {len(items)}; use --output-dir")
 
@@ -386,5 +394,135 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
     run.bar.close()
     if not quiet:
         click.echo(run.summary(skipped), err=True)
+    if run.failed:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- atst-tag
+TAG_WINDOW = 160_000  # --per-window: 10 s at 16 kHz
+
+
+def _windows(waveform: np.ndarray, per_window: bool) -> list[tuple[float, float, np.ndarray]]:
+    """``(start s, end s, samples)``: the whole clip, or its 10 s windows (the last one shorter)."""
+    if not per_window:
+        return [(0.0, len(waveform) / 16000, waveform)]
+    starts = range(0, max(len(waveform), 1), TAG_WINDOW)
+    return [(s / 16000, min(s + TAG_WINDOW, len(waveform)) / 16000, waveform[s : s + TAG_WINDOW]) for s in starts]
+
+
+def _tag_rows(model, batch, top_k: int, per_window: bool, batch_size: int) -> list[dict]:
+    pieces = [(item, start, end, piece) for item, waveform in batch for start, end, piece in _windows(waveform, per_window)]
+    probabilities = model.get_tag_probabilities([torch.from_numpy(np.ascontiguousarray(p)) for *_, p in pieces],
+                                                batch_size=batch_size).cpu()
+    top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    rows = []
+    for (item, start, end, _), values, indices in zip(pieces, top.values.tolist(), top.indices.tolist()):
+        for rank, (value, index) in enumerate(zip(values, indices), start=1):
+            rows.append({"file": str(item.path), "start": round(start, 3), "end": round(end, 3), "rank": rank,
+                         "label": model.labels[index], "probability": round(value, 6)})
+    return rows
+
+
+def _print_table(rows: list[dict], per_window: bool) -> None:
+    heading = None
+    for row in rows:
+        current = (row["file"], row["start"]) if per_window else row["file"]
+        if current != heading:
+            heading = current
+            click.echo(f"{row['file']}" + (f"  [{row['start']:.1f} s - {row['end']:.1f} s]" if per_window else ""))
+        click.echo(f"  {row['probability']:6.3f}  {row['label']}")
+
+
+def _write_rows(rows: list[dict], fmt: str, stream) -> None:
+    if fmt == "json":
+        stream.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        return
+    import csv
+
+    writer = csv.DictWriter(stream, fieldnames=["file", "start", "end", "rank", "label", "probability"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one audio path per line, or a CSV/TSV with a 'path' column.")
+@click.option("--model", "model_name", required=True,
+              help="A model with a tagging head: a folder from atst-convert of a fine-tuned checkpoint, a C2F checkpoint, ...")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels per clip (or window).")
+@click.option("--per-window", is_flag=True, help="Tag each 10 s window instead of the whole clip.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default=None,
+              help="Output format [default: table on the terminal; from the suffix of -o].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the results to this .csv or .json file.")
+@click.option("--overwrite", is_flag=True, help="Replace the -o file if it exists.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="10 s windows per encoder pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Threads decoding audio ahead of the model (0: decode in the main thread).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
+def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, batch_size, num_workers, quiet) -> None:
+    """Tag audio files: the top labels of a model's tagging head, with probabilities.
+
+    INPUTS are audio files, folders or glob patterns, as for atst-embed. Any length: the clip's
+    logits are the token-weighted mean of its 10 s windows' (ATST-Frame / C2F), or --per-window
+    lists each window. Probabilities: sigmoid for multi-label heads, softmax for single-label ones.
+    Exit status: 0 when every file was tagged, 1 when some failed, 2 for usage errors.
+    """
+    if output is not None:
+        suffix = output.suffix.lstrip(".").lower()
+        if suffix not in ("csv", "json") or (fmt not in (None, suffix)):
+            raise click.UsageError("-o/--output takes a .csv or .json file (matching --format)")
+        fmt = suffix
+        if output.exists() and not overwrite:
+            raise click.UsageError(f"{str(output)!r} exists; pass --overwrite to replace it")
+    fmt = fmt or "table"
+    items = _find_items(inputs, manifest)
+    try:
+        from .loading import load_model
+
+        model = load_model(model_name, device=device)
+        if model.head is None:
+            raise ValueError(f"{model_name!r} has no tagging head; fine-tune one with atst-train finetune and export it "
+                             "with atst-convert, or use a C2F checkpoint")
+    except (*EXPECTED_ERRORS, RuntimeError) as error:
+        raise click.ClickException(str(error).splitlines()[0]) from None
+    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged")
+    rows: list[dict] = []
+    batch, windows = [], 0
+
+    def flush() -> None:
+        try:
+            new = _tag_rows(model, batch, top_k, per_window, batch_size)
+        except (*EXPECTED_ERRORS, RuntimeError) as error:
+            for item, _ in batch:
+                run.error(item, error)
+            return
+        for item, waveform in batch:
+            run.succeeded(len(waveform) / 16000)
+        if fmt == "table" and output is None:
+            with tqdm.external_write_mode(file=sys.stderr):
+                _print_table(new, per_window)
+        rows.extend(new)
+
+    for item, result in _decoded(items, num_workers):
+        if isinstance(result, BaseException):
+            run.error(item, result)
+            continue
+        batch.append((item, result))
+        windows += 1 + len(result) // TAG_WINDOW
+        if windows >= batch_size:
+            flush()
+            batch, windows = [], 0
+    if batch:
+        flush()
+    run.bar.close()
+    if output is not None:
+        with open(output, "w", encoding="utf-8", newline="") as stream:
+            _write_rows(rows, fmt, stream)
+    elif fmt != "table":
+        _write_rows(rows, fmt, sys.stdout)
+    if not quiet:
+        click.echo(run.summary(None) + (f"; wrote {output}" if output else ""), err=True)
     if run.failed:
         sys.exit(1)

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from .audio import to_waveforms
 from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
 from .frontend import FrontendConfig, LogMelFrontend
+from .heads import LinearHead, default_labels
 
-__all__ = ["MODEL_KINDS", "ModelConfig", "TaggingHead", "ATSTModel"]
+__all__ = ["MODEL_KINDS", "ModelConfig", "ATSTModel"]
 
 MODEL_KINDS = ("frame", "clip", "c2f")
 
@@ -29,19 +30,26 @@ class ModelConfig:
     """What an :class:`ATSTModel` is: its kind, encoder architecture, front end and head size.
 
     ``kind``: ``"frame"`` (ATST-Frame), ``"clip"`` (ATST-Clip) or ``"c2f"`` (ATST-Frame distilled
-    from ATST-Clip); ``num_classes``: outputs of the C2F tagging head (0: no head).
+    from ATST-Clip); ``num_classes``: outputs of the tagging head (0: no head), a fine-tuned one or
+    C2F's; ``labels``: their names (empty: unnamed); ``multi_label``: whether the head was trained
+    with one sigmoid per class (probabilities by sigmoid) rather than a softmax.
     """
 
     kind: str
     encoder: EncoderConfig
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     num_classes: int = 0
+    labels: tuple[str, ...] = ()
+    multi_label: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.encoder.cls_token != (self.kind == "clip"):
             raise ValueError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if self.labels and len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +57,8 @@ class ModelConfig:
             "encoder": self.encoder.to_dict(),
             "frontend": self.frontend.to_dict(),
             "num_classes": self.num_classes,
+            "labels": list(self.labels),
+            "multi_label": self.multi_label,
         }
 
     @classmethod
@@ -58,19 +68,9 @@ class ModelConfig:
             encoder=EncoderConfig(**data["encoder"]),
             frontend=FrontendConfig(**data.get("frontend", {})),
             num_classes=int(data.get("num_classes", 0)),
+            labels=tuple(data.get("labels", ())),
+            multi_label=bool(data.get("multi_label", True)),
         )
-
-
-class TaggingHead(nn.Module):
-    """The reference's ``LinearHead``: BatchNorm1d without affine parameters, then a Linear layer."""
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False)
-        self.linear = nn.Linear(dim, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.norm(x))
 
 
 class _Window(NamedTuple):
@@ -97,7 +97,7 @@ class ATSTModel(nn.Module):
         self.config = config
         self.frontend = LogMelFrontend(config.frontend)
         self.encoder = ATSTEncoder(config.encoder)
-        self.head = TaggingHead(config.encoder.embed_dim, config.num_classes) if config.num_classes else None
+        self.head = LinearHead(self.clip_embedding_size(1), config.num_classes) if config.num_classes else None
         self.provenance: dict = {}  # where the weights came from; written by save_pretrained
 
     def save_pretrained(self, directory, *, provenance: dict | None = None, license: str = "cc-by-4.0"):
@@ -121,6 +121,14 @@ class ATSTModel(nn.Module):
     @property
     def kind(self) -> str:
         return self.config.kind
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Names of the tagging head's classes, in logit order (empty without a head): those saved
+        with a fine-tuned model, AudioSet's for a 527-class C2F head, else ``class_0`` ..."""
+        if self.config.labels:
+            return self.config.labels
+        return default_labels(self.config.num_classes, audioset=self.kind == "c2f")
 
     @property
     def embed_dim(self) -> int:
@@ -246,13 +254,21 @@ class ATSTModel(nn.Module):
         return embedding.to(self.dtype)
 
     def get_tag_logits(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
-        """C2F tagging logits ``[B, num_classes]`` (AudioSet: 527; apply a sigmoid for probabilities):
-        the reference student head on the last block's clip embedding."""
+        """Tagging logits ``[B, num_classes]``, in the order of :attr:`labels`: the head on the last
+        block's clip embedding (so, for long audio, the token-weighted mean of per-window logits for
+        ATST-Frame / C2F). Probabilities: :meth:`get_tag_probabilities`."""
         if self.head is None:
-            raise ValueError(f"this {self.kind} model has no tagging head (only C2F checkpoints carry one)")
+            raise ValueError(
+                f"this {self.kind} model has no tagging head; fine-tune one (atst-train finetune) or load a C2F checkpoint"
+            )
         embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
         with self._inference():
             return self.head(embedding)
+
+    def get_tag_probabilities(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
+        """:meth:`get_tag_logits` through a sigmoid (multi-label heads, C2F's) or a softmax (single-label)."""
+        logits = self.get_tag_logits(audio, sample_rate=sample_rate, batch_size=batch_size).float()
+        return logits.sigmoid() if self.config.multi_label else logits.softmax(dim=-1)
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:
@@ -347,12 +363,13 @@ class ATSTModel(nn.Module):
             yield group
 
     def _masked_token_sums(self, output: EncoderOutput, n_tokens: list[int]) -> Tensor:
-        """Per window and block, the sum of valid tokens: ``[W, n_blocks, D]`` float32."""
+        """Per window and block, the sum of valid tokens: ``[W, n_blocks, D]`` float32 (also under autocast)."""
         tokens = torch.stack(output.tokens, dim=1).float()  # [W, n, P, D]
         valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < torch.tensor(
             n_tokens, device=tokens.device
         )[:, None]
-        return torch.einsum("wnpd,wp->wnd", tokens, valid.float())
+        with torch.autocast(tokens.device.type, enabled=False):
+            return torch.einsum("wnpd,wp->wnd", tokens, valid.float())
 
     def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Frame / C2F clip embedding: token-weighted means over all windows of each item."""

@@ -2,7 +2,7 @@
 
 ``config.json`` holds the architecture (kind, encoder, front end, head classes), the licence, the
 citation and the provenance (source file and its sha256, the package version). The weights are
-the inference model's state dict only (encoder and C2F head), as safetensors: loading them runs no
+the inference model's state dict only (encoder and tagging head, if any), as safetensors: loading them runs no
 pickle at all.
 """
 
@@ -135,7 +135,7 @@ frames, timestamps = model.get_frame_embeddings("audio.wav", n_blocks=1)  # [1, 
 | clip embedding | {sizes["clip_n_blocks_1"]} | {sizes["clip_n_blocks_12"]} |
 
 Input: audio at any sample rate (resampled to 16 kHz), mono (channels are averaged).
-
+{_tagging_section(model)}
 ## Provenance
 
 Converted from `{source}`{f" (sha256 `{digest}`)" if digest else ""} with atst-features
@@ -147,6 +147,27 @@ those of the source checkpoint.
 ```bibtex
 {config["citation"]}
 ```
+"""
+
+
+def _tagging_section(model: dict) -> str:
+    """The model card's part on the tagging head, if the model has one."""
+    classes = model.get("num_classes", 0)
+    if not classes:
+        return ""
+    labels = model.get("labels") or []
+    shown = ", ".join(f"`{label}`" for label in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+    output = "a sigmoid per class (multi-label)" if model.get("multi_label", True) else "a softmax over the classes"
+    return f"""
+## Tagging
+
+A linear head of {classes} classes{f" ({shown})" if labels else ""}; probabilities by {output}:
+
+```python
+probabilities = model.get_tag_probabilities("audio.wav")   # [1, {classes}], in the order of model.labels
+```
+
+From the shell: `atst-tag audio.wav --model path/to/this/folder -k 5`.
 """
 
 

@@ -1,20 +1,31 @@
-"""Self-supervised pretraining of ATST-Clip and ATST-Frame (install with ``pip install atst-features[train]``).
+"""Training with ATST (install with ``pip install atst-features[train]``): self-supervised
+pretraining, fine-tuning and linear evaluation.
 
 - :mod:`.data`: crops of raw audio from folders, manifests or WebDataset shards;
-- :mod:`.augment`: Mixup, RandomResizeCrop and span masks, batched on the device;
+- :mod:`.augment`: Mixup, label mixup, RandomResizeCrop and span masks, batched on the device;
 - :mod:`.objective`: heads, BYOL loss, EMA teacher, schedules, parameter groups;
-- :mod:`.module`: the LightningModules :class:`ClipPretraining` and :class:`FramePretraining`;
-- :mod:`.cli`: the ``atst-train`` command and its presets;
-- :mod:`.manifests`: labelled audio (CSV/TSV manifests, label folders);
-- :mod:`.probe`: the ``atst-probe`` linear probe of frozen clip embeddings.
+- :mod:`.module`: the pretraining LightningModules :class:`ClipPretraining` and :class:`FramePretraining`;
+- :mod:`.manifests`: labelled audio (CSV/TSV manifests, label folders) and its splits;
+- :mod:`.labelled`: labelled clips for fine-tuning (:class:`LabelledData`);
+- :mod:`.finetune`: fine-tuning with layer-wise learning-rate decay (:class:`FineTuning`);
+- :mod:`.linear_eval`: the paper's linear evaluation of frozen embeddings;
+- :mod:`.metrics`: accuracy and mAP as the reference computes them;
+- :mod:`.probe`: the ``atst-probe`` command;
+- :mod:`.cli`: the ``atst-train`` command and its presets.
 
 The core package never imports this one.
 """
 
 from importlib import import_module
 
-__all__ = ["ClipPretraining", "FramePretraining", "PretrainingData"]
-_HOMES = {"PretrainingData": ".data", "ClipPretraining": ".module", "FramePretraining": ".module"}
+__all__ = ["ClipPretraining", "FineTuning", "FramePretraining", "LabelledData", "PretrainingData"]
+_HOMES = {
+    "PretrainingData": ".data",
+    "ClipPretraining": ".module",
+    "FramePretraining": ".module",
+    "FineTuning": ".finetune",
+    "LabelledData": ".labelled",
+}
 
 
 def __getattr__(name: str):

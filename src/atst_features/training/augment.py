@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Mixup", "RandomResizeCrop", "span_masks"]
+__all__ = ["LabelMixup", "Mixup", "RandomResizeCrop", "span_masks"]
 
 
 def _uniform(shape, low: float, high: float, generator, device) -> Tensor:
@@ -71,6 +72,50 @@ class Mixup(nn.Module):
             mixed = x
         self._push(x)
         return mixed
+
+
+class LabelMixup(nn.Module):
+    """The reference's fine-tuning mixup (``FinetuneTargetTransform``): a FIFO bank of the last
+    ``memory`` unmixed ``(input, target)`` pairs; once it holds any, each item is mixed (with
+    probability ``ratio``; the reference: 1, and 0.5 for AudioSet) linearly with a uniformly drawn
+    bank entry: ``lam * x + (1 - lam) * z`` and ``lam * y + (1 - lam) * y_z``, ``lam ~ Beta(alpha, alpha)``. Inputs ``[B, F, T]`` (the bank keeps ``frames`` columns per item,
+    zero-padded) and float targets ``[B, C]``. Draws come from the ``numpy.random.Generator`` given.
+    """
+
+    def __init__(self, alpha: float = 0.5, memory: int = 5000, frames: int = 1201, ratio: float = 1.0) -> None:
+        super().__init__()
+        if memory < 1 or alpha <= 0 or not 0 <= ratio <= 1:
+            raise ValueError("LabelMixup needs memory >= 1, alpha > 0 and ratio in [0, 1]")
+        self.alpha, self.memory, self.frames, self.ratio = alpha, memory, frames, ratio
+        self.register_buffer("inputs", torch.empty(0), persistent=False)
+        self.register_buffer("targets", torch.empty(0), persistent=False)
+        self.filled = 0
+        self.position = 0
+
+    def _push(self, x: Tensor, y: Tensor) -> None:
+        x, y = x.detach()[-self.memory :, :, : self.frames], y.detach()[-self.memory :]
+        if self.inputs.numel() == 0:
+            self.inputs = x.new_zeros((self.memory, x.shape[1], self.frames))
+            self.targets = y.new_zeros((self.memory, *y.shape[1:]))
+        slots = (self.position + torch.arange(len(x), device=x.device)) % self.memory
+        self.inputs[slots] = 0.0
+        self.inputs[slots, :, : x.shape[-1]] = x
+        self.targets[slots] = y
+        self.position = (self.position + len(x)) % self.memory
+        self.filled = min(self.filled + len(x), self.memory)
+
+    def forward(self, x: Tensor, y: Tensor, rng) -> tuple[Tensor, Tensor]:
+        mixed_x, mixed_y = x, y
+        if self.filled:
+            batch, width = len(x), min(x.shape[-1], self.frames)
+            chosen = torch.as_tensor(rng.integers(self.filled, size=batch), device=x.device)
+            lam = rng.beta(self.alpha, self.alpha, size=batch)
+            lam = torch.as_tensor(np.where(rng.random(batch) < self.ratio, lam, 1.0), dtype=x.dtype, device=x.device)
+            mixed_x = x.clone()
+            mixed_x[..., :width] = lam[:, None, None] * x[..., :width] + (1 - lam[:, None, None]) * self.inputs[chosen, :, :width]
+            mixed_y = lam[:, None] * y + (1 - lam[:, None]) * self.targets[chosen]
+        self._push(x, y)
+        return mixed_x, mixed_y
 
 
 class RandomResizeCrop(nn.Module):

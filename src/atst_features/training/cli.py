@@ -1,9 +1,11 @@
-"""``atst-train {clip,frame} --config PRESET_OR_FILE [--section.key value ...]``: pretraining on Lightning.
+"""``atst-train {clip,frame,finetune} --config PRESET_OR_FILE [--section.key value ...]``, on Lightning.
 
-Presets shipped with the package (``atst-train --list-presets``): the paper's four recipes and a
-tiny CPU one per method. Any key of a preset can be overridden on the command line
-(``--data.path``, ``--trainer.devices``, ``--trainer.num_nodes``, ``--trainer.precision bf16-mixed``,
-``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` resumes a run.
+``clip`` and ``frame`` pretrain (self-supervised); ``finetune`` trains a pretrained encoder and a
+linear head on a labelled manifest (``--data.manifest``, ``--model.init``), then tests the best
+checkpoint on the test split. Presets shipped with the package (``atst-train --list-presets``):
+the paper's recipes and a tiny CPU one per method. Any key of a preset can be overridden on the
+command line (``--data.path``, ``--trainer.devices``, ``--trainer.num_nodes``, ``--trainer.precision
+bf16-mixed``, ``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` resumes a run.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from .data import PretrainingData
-from .module import ClipPretraining, FramePretraining
-
 __all__ = ["main", "PRESETS", "preset_path"]
 
-METHODS = {"clip": ClipPretraining, "frame": FramePretraining}
+METHODS = ("clip", "frame", "finetune")
 PRESETS_DIR = Path(__file__).parent / "configs"
 PRESETS = sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
-USAGE = "usage: atst-train {clip,frame} --config PRESET_OR_FILE [--section.key value ...] [--ckpt_path PATH|last]"
+USAGE = "usage: atst-train {clip,frame,finetune} --config PRESET_OR_FILE [--section.key value ...] [--ckpt_path PATH|last]"
 
 
 def preset_path(name_or_path: str) -> str:
@@ -36,6 +35,29 @@ class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.max_steps", "trainer.max_steps")
         parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+
+
+class FinetuneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.max_epochs", "trainer.max_epochs")
+        parser.link_arguments("data.label_names", "model.labels", apply_on="instantiate")
+        parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
+        parser.link_arguments("model.crop_seconds", "data.crop_seconds")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+
+
+def _classes(method: str):
+    """(CLI class, LightningModule, LightningDataModule) of a method; Lightning is imported here."""
+    if method == "finetune":
+        from .finetune import FineTuning
+        from .labelled import LabelledData
+
+        return FinetuneCLI, FineTuning, LabelledData
+    from .data import PretrainingData
+    from .module import ClipPretraining, FramePretraining
+
+    return TrainCLI, {"clip": ClipPretraining, "frame": FramePretraining}[method], PretrainingData
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     # Our arguments arrive through `args`; sys.argv stays as it is: Lightning's DDP launcher
     # starts the other ranks by running it again.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    cli = TrainCLI(
-        METHODS[method],
-        PretrainingData,
+    cli_class, module, data = _classes(method)
+    cli = cli_class(
+        module,
+        data,
         args=rest,
         run=False,
         seed_everything_default=0,
@@ -68,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         parser_kwargs={"prog": f"atst-train {method}"},
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    if method == "finetune" and cli.datamodule.splits["test"]:
+        best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..inputs import AUDIO_SUFFIXES, InputError, manifest_lines, path_column, scan_folder
 
-__all__ = ["SPLITS", "LabelledItem", "LabelledSet", "read_labelled"]
+__all__ = ["SPLITS", "LabelledItem", "LabelledSet", "grouped_folds", "grouped_holdout", "read_labelled", "split_items"]
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
@@ -54,6 +55,18 @@ class LabelledSet:
     @property
     def has_splits(self) -> bool:
         return all(item.split is not None for item in self.items)
+
+    def targets(self, items: list[LabelledItem]):
+        """Class indices ``[N]`` (single-label) or a multi-hot float tensor ``[N, C]`` (multi-label)."""
+        import torch
+
+        index = {name: i for i, name in enumerate(self.label_names)}
+        if self.multi_label:
+            y = torch.zeros(len(items), len(index))
+            for row, item in enumerate(items):
+                y[row, [index[label] for label in item.labels]] = 1
+            return y
+        return torch.tensor([index[item.labels[0]] for item in items])
 
 
 def _folder(root: Path) -> LabelledSet:
@@ -117,3 +130,54 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
         items.append(LabelledItem(path, labels, split, cell(group_column) or None))
     names = tuple(dict.fromkeys(label for item in items for label in item.labels))
     return LabelledSet(tuple(items), names, multi_label=multi)
+
+
+def _group(item: LabelledItem) -> str:
+    return item.group or str(item.path)
+
+
+def grouped_holdout(groups: list[str], share: float, seed: int) -> list[bool]:
+    """A seeded hold-out of about ``share`` of the groups; True marks the held-out items."""
+    unique = sorted(set(groups))
+    random.Random(seed).shuffle(unique)
+    held = set(unique[: max(1, round(len(unique) * share))])
+    return [group in held for group in groups]
+
+
+def grouped_folds(groups: list[str], folds: int, seed: int) -> list[int]:
+    """The fold (0 .. folds-1) of each item: whole groups, shuffled with ``seed``, dealt round-robin."""
+    unique = sorted(set(groups))
+    random.Random(seed).shuffle(unique)
+    fold_of = {group: index % folds for index, group in enumerate(unique)}
+    return [fold_of[group] for group in groups]
+
+
+def _hold_out(items: list[LabelledItem], share: float, seed: int) -> tuple[list[LabelledItem], list[LabelledItem]]:
+    held = grouped_holdout([_group(item) for item in items], share, seed)
+    return [i for i, h in zip(items, held) if not h], [i for i, h in zip(items, held) if h]
+
+
+def split_items(
+    data: LabelledSet, *, seed: int = 0, test_share: float = 0.3, valid_share: float = 0.15
+) -> tuple[dict[str, list[LabelledItem]], str]:
+    """Train, valid and test items, and how they were chosen.
+
+    With a ``split`` column, its values; a missing valid split is then carved from train. Without
+    one: whole groups (recordings) are held out, ``test_share`` of them for test (seed ``seed + 1``),
+    then ``valid_share`` of the rest for valid (seed ``seed + 2``). No group is on two sides.
+    """
+    if data.has_splits:
+        splits = {name: data.split(name) for name in SPLITS}
+        how = "the manifest's split column"
+        if not splits["train"]:
+            raise InputError("the manifest's split column has no train rows")
+    else:
+        rest, test = _hold_out(list(data.items), test_share, seed + 1)
+        splits = {"train": rest, "valid": [], "test": test}
+        how = f"seeded grouped hold-outs ({test_share:.0%} test, seed {seed}; no split column)"
+    if not splits["valid"] and valid_share > 0:
+        if len({_group(item) for item in splits["train"]}) < 2:
+            raise InputError("the train split needs at least two groups (recordings) to hold some out for validation")
+        splits["train"], splits["valid"] = _hold_out(splits["train"], valid_share, seed + 2)
+        how += f", valid {valid_share:.0%} of the train groups"
+    return splits, how

@@ -1,10 +1,18 @@
 """Linear probe: how well frozen clip embeddings separate the classes of a labelled set.
 
 ``atst-probe MANIFEST --model SOURCE [--model SOURCE ...]`` embeds every file once per model
-(clip embedding, all blocks by default), standardises the features with the train split's
-statistics, fits a multinomial logistic regression (single-label; one sigmoid per class for
-multi-label) with its L2 strength chosen by grouped 4-fold cross-validation on the train split,
-refits on the whole train split and reports test accuracy (single-label) or mAP (multi-label).
+(clip embedding, all blocks by default) and reports test accuracy (single-label) or mAP
+(multi-label) of a linear classifier, by one of two protocols:
+
+- ``logreg`` (default, quick and stable on small sets): features standardised with the train
+  split's statistics, a multinomial logistic regression (one sigmoid per class for multi-label)
+  with its L2 strength chosen by grouped 4-fold cross-validation on train + valid, refitted on
+  all of it;
+- ``reference``: the paper's linear evaluation (:mod:`.linear_eval`): 12 s centre crops embedded
+  in bf16, a LinearHead trained by SGD for 100 epochs per learning rate of a sweep, the epoch and
+  learning rate chosen on the valid split.
+
+Embeddings are cached on disk (``--cache``), keyed by the model, the files and the settings.
 
 Besides model sources (anything ``load_model`` takes, training checkpoints included), two
 baselines: ``logmel`` (mean and standard deviation over time of the 64-bin log-mel front end)
@@ -13,8 +21,9 @@ and ``random:SOURCE`` (the architecture of SOURCE with fresh random weights, see
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,24 +36,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..audio import AudioDecodeError, EmptyAudioError, load_audio
+from ..audio import AudioDecodeError, EmptyAudioError, centre_crop, load_audio
 from ..checkpoints import CheckpointError
 from ..frontend import FrontendConfig, LogMelFrontend
 from ..hub import ChecksumError, DownloadError
 from ..inputs import InputError
-from .manifests import LabelledItem, LabelledSet, read_labelled
+from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
+from .manifests import SPLITS, LabelledItem, grouped_folds, read_labelled, split_items
+from .metrics import score
 
 __all__ = [
     "L2_GRID",
     "ProbeResult",
-    "average_precision",
+    "cached_features",
     "clip_features",
     "fit_linear",
-    "grouped_folds",
-    "grouped_holdout",
     "linear_probe",
     "main",
-    "mean_average_precision",
 ]
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
@@ -54,13 +62,15 @@ RANDOM_PREFIX = "random:"
 
 @dataclass
 class ProbeResult:
-    """One model's probe: feature size, the chosen L2 strength, the cross-validated and test scores."""
+    """One model's probe: the protocol, feature size, the chosen setting (``l2`` strength or
+    ``learning_rate``), the selection score (cross-validated, or valid) and the test score."""
 
     model: str
+    protocol: str
     dims: int
     metric: str
-    l2: float
-    cross_val: float
+    setting: str
+    selection: float
     test: float
     n_train: int
     n_test: int
@@ -68,13 +78,13 @@ class ProbeResult:
 
 
 # ---------------------------------------------------------------------------------------------- features
-def _waveforms(items: list[LabelledItem]) -> list[np.ndarray]:
+def _waveforms(items: list[LabelledItem], crop_seconds: float | None) -> list[np.ndarray]:
     waves = []
     for item in tqdm(items, desc="decode", unit="file", file=sys.stderr, leave=False):
         waveform, _ = load_audio(item.path, 16000)
         if not np.isfinite(waveform).all():
             raise AudioDecodeError(f"{str(item.path)!r}: contains NaN or Inf samples")
-        waves.append(waveform)
+        waves.append(centre_crop(waveform, int(crop_seconds * 16000)) if crop_seconds else waveform)
     return waves
 
 
@@ -111,17 +121,47 @@ def clip_features(
     device: str | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    bf16: bool = False,
 ) -> Tensor:
     """``[N, E]`` float32 features of 16 kHz waveforms: a model's clip embeddings (``n_blocks``
-    last blocks; None: all), or the ``logmel`` / ``random:SOURCE`` baselines."""
+    last blocks; None: all), or the ``logmel`` / ``random:SOURCE`` baselines. ``bf16``: the encoder
+    under bf16 autocast (the reference's bf16-mixed extraction; the front end stays float32)."""
     if source == LOGMEL:
         return _logmel_statistics(waves)
     model = _load(source, device, seed)
     out = []
     for first in tqdm(range(0, len(waves), batch_size), desc=f"embed {source}", unit="batch", file=sys.stderr, leave=False):
         batch = [torch.from_numpy(w) for w in waves[first : first + batch_size]]
-        out.append(model.get_clip_embedding(batch, n_blocks=n_blocks, batch_size=batch_size).float().cpu())
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model.get_clip_embedding(batch, n_blocks=n_blocks, batch_size=batch_size).float().cpu())
     return torch.cat(out)
+
+
+def _fingerprint(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cached_features(cache: Path | None, source: str, items: list[LabelledItem], settings: dict, compute) -> Tensor:
+    """``compute()`` once per (model source, files, settings): stored as ``cache/<key>.pt``.
+    The key covers each file's path, size and modification time, and a local model's too."""
+    if cache is None:
+        return compute()
+    model_path = Path(source.removeprefix(RANDOM_PREFIX))
+    key = json.dumps({"source": source, "model": _fingerprint(model_path) if model_path.exists() else None,
+                      "files": [_fingerprint(item.path) for item in items], **settings}, sort_keys=True)
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            pass
+    features = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(features, temporary)
+    temporary.replace(path)
+    return features
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -148,54 +188,6 @@ def fit_linear(x: Tensor, y: Tensor, l2: float, multi_label: bool, max_iter: int
     return weight.detach(), bias.detach()
 
 
-def average_precision(scores: Tensor, targets: Tensor) -> float:
-    """Area under the precision-recall curve of one class, as scikit-learn's
-    ``average_precision_score``: ``sum_k (R_k - R_{k-1}) P_k`` over distinct score thresholds."""
-    order = torch.argsort(scores.double(), descending=True, stable=True)
-    scores, targets = scores.double()[order], targets.double()[order]
-    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
-    last_of_tie[:-1] = scores[1:] != scores[:-1]
-    true_positives = targets.cumsum(0)[last_of_tie]
-    predicted = torch.arange(1, len(scores) + 1, dtype=torch.float64)[last_of_tie]
-    positives = targets.sum()
-    if positives == 0:
-        return float("nan")
-    precision = true_positives / predicted
-    recall = true_positives / positives
-    previous = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
-    return float(((recall - previous) * precision).sum())
-
-
-def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
-    """Mean over classes of :func:`average_precision`; classes without positives are left out."""
-    values = [average_precision(scores[:, c], targets[:, c]) for c in range(targets.shape[1])]
-    values = [v for v in values if not np.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _score(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, multi_label: bool) -> float:
-    logits = x.double() @ weight + bias
-    if multi_label:
-        return mean_average_precision(logits, y)
-    return float((logits.argmax(dim=1) == y).double().mean())
-
-
-def grouped_holdout(groups: list[str], share: float, seed: int) -> list[bool]:
-    """A seeded hold-out of about ``share`` of the groups; True marks the held-out items."""
-    unique = sorted(set(groups))
-    random.Random(seed).shuffle(unique)
-    held = set(unique[: max(1, round(len(unique) * share))])
-    return [group in held for group in groups]
-
-
-def grouped_folds(groups: list[str], folds: int, seed: int) -> list[int]:
-    """The fold (0 .. folds-1) of each item: whole groups, shuffled with ``seed``, dealt round-robin."""
-    unique = sorted(set(groups))
-    random.Random(seed).shuffle(unique)
-    fold_of = {group: index % folds for index, group in enumerate(unique)}
-    return [fold_of[group] for group in groups]
-
-
 def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
     mean, std = fit.mean(0), fit.std(0, unbiased=False).clamp(min=1e-6)
     return [(t - mean) / std for t in (fit, *others)]
@@ -217,80 +209,101 @@ def linear_probe(
         scores = []
         for fit_x, held_x, fitted in splits:
             weight, bias = fit_linear(fit_x, y_train[fitted], l2, multi_label)
-            scores.append(_score(held_x, y_train[~fitted], weight, bias, multi_label))
-        score = float(np.nanmean(scores))
-        if best is None or score > best[1] + 1e-12:
-            best = (l2, score)
+            scores.append(score(held_x.double() @ weight + bias, y_train[~fitted], multi_label))
+        mean = float(np.nanmean(scores))
+        if best is None or mean > best[1] + 1e-12:
+            best = (l2, mean)
     train_x, test_x = _standardise(train, test)
     weight, bias = fit_linear(train_x, y_train, best[0], multi_label)
-    return best[0], best[1], _score(test_x, y_test, weight, bias, multi_label)
+    return best[0], best[1], score(test_x.double() @ weight + bias, y_test, multi_label)
 
 
 # ---------------------------------------------------------------------------------------------- command
-def _targets(items: list[LabelledItem], data: LabelledSet) -> Tensor:
-    index = {name: i for i, name in enumerate(data.label_names)}
-    if data.multi_label:
-        y = torch.zeros(len(items), len(index))
-        for row, item in enumerate(items):
-            y[row, [index[label] for label in item.labels]] = 1
-        return y
-    return torch.tensor([index[item.labels[0]] for item in items])
+def _default_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "atst-features" / "embeddings"
 
 
-def _splits(data: LabelledSet, seed: int) -> tuple[list[LabelledItem], list[LabelledItem], str]:
-    if data.has_splits:
-        train = [item for item in data.items if item.split in ("train", "valid")]
-        test = data.split("test")
-        if not train or not test:
-            raise InputError("the manifest's split column needs both train (or valid) and test rows")
-        return train, test, "the manifest's split column"
-    groups = [item.group or str(item.path) for item in data.items]
-    held = grouped_holdout(groups, 0.3, seed + 1)
-    train = [item for item, h in zip(data.items, held) if not h]
-    test = [item for item, h in zip(data.items, held) if h]
-    return train, test, f"a seeded grouped 70/30 split (seed {seed + 1}; no split column)"
+def _probe(source: str, protocol: str, data, splits: dict, waves: dict, options: dict) -> ProbeResult:
+    started = time.perf_counter()
+    items = [item for name in SPLITS for item in splits[name]]
+    settings = {key: options[key] for key in ("n_blocks", "seed", "bf16", "crop_seconds")}
+    everything = [w for name in SPLITS for w in waves[name]]
+    features = cached_features(options["cache"], source, items, settings, lambda: clip_features(
+        source, everything, n_blocks=options["n_blocks"], device=options["device"],
+        batch_size=options["batch_size"], seed=options["seed"], bf16=options["bf16"]))
+    parts, first = {}, 0
+    for name in SPLITS:
+        parts[name], first = features[first : first + len(splits[name])], first + len(splits[name])
+    targets = {name: data.targets(splits[name]) for name in SPLITS}
+    metric = "mAP" if data.multi_label else "accuracy"
+    if protocol == "reference":
+        result = linear_evaluation(parts, targets, multi_label=data.multi_label, num_classes=len(data.label_names),
+                                   learning_rates=options["learning_rates"], epochs=options["epochs"], seed=options["seed"])
+        setting, selection = f"lr {result.learning_rate:g} ep {result.epoch}", result.valid
+        test = result.test
+    else:
+        groups = [item.group or str(item.path) for item in splits["train"] + splits["valid"]]
+        train_x = torch.cat([parts["train"], parts["valid"]])
+        train_y = torch.cat([targets["train"], targets["valid"]])
+        l2, selection, test = linear_probe(train_x, train_y, groups, parts["test"], targets["test"],
+                                           multi_label=data.multi_label, seed=options["seed"])
+        setting = f"L2 {l2:.0e}"
+    n_train = len(splits["train"]) + (0 if protocol == "reference" else len(splits["valid"]))
+    return ProbeResult(source, protocol, features.shape[1], metric, setting, selection, test, n_train,
+                       len(splits["test"]), time.perf_counter() - started)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("manifest", type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "models", multiple=True, default=("atst-frame-mini",), show_default=True,
               help="A model source (registry name, folder, checkpoint), 'logmel' or 'random:SOURCE'; repeat to compare.")
+@click.option("--protocol", type=click.Choice(["logreg", "reference"]), default="logreg", show_default=True,
+              help="logreg: cross-validated logistic regression; reference: the paper's linear evaluation.")
 @click.option("--n-blocks", type=click.IntRange(min=1), default=None, help="Last blocks concatenated [default: all].")
+@click.option("--learning-rate", "learning_rates", type=float, multiple=True,
+              help="reference protocol: learning rates to sweep, per 256 clips [default: every rate of the reference's scripts].")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="reference protocol: epochs per head.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Encoder precision for embedding [default: bf16 for reference, as the paper; fp32 for logreg].")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: CUDA when available]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Hold-out split and random-weight seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split, random-weight and training seed.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Embedding cache folder [default: ~/.cache/atst-features/embeddings].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write cached embeddings.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
-def main(manifest: Path, models: tuple[str, ...], n_blocks, device, batch_size: int, seed: int, json_path) -> None:
+def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learning_rates, epochs: int, precision,
+         device, batch_size: int, seed: int, cache, no_cache: bool, json_path) -> None:
     """Linear probe of frozen clip embeddings on a labelled MANIFEST (CSV/TSV with path, label or
     labels, optional split and group columns; or a folder of label folders)."""
+    reference = protocol == "reference"
+    options = {"n_blocks": n_blocks, "seed": seed, "device": device, "batch_size": batch_size, "epochs": epochs,
+               "bf16": (precision or ("bf16" if reference else "fp32")) == "bf16",
+               "crop_seconds": 12.0 if reference else None,
+               "learning_rates": tuple(learning_rates) or REFERENCE_LEARNING_RATES,
+               "cache": None if no_cache else (cache or _default_cache())}
     try:
         data = read_labelled(manifest)
-        train, test, how = _splits(data, seed)
-        metric = "mAP" if data.multi_label else "accuracy"
+        splits, how = split_items(data, seed=seed, valid_share=0.15 if reference else 0.0)
+        if not splits["test"]:
+            raise InputError("the manifest's split column needs test rows to score the probe")
+        counts = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS if splits[name])
         click.echo(f"{manifest}: {len(data.items)} clips, {len(data.label_names)} classes "
-                   f"({'multi' if data.multi_label else 'single'}-label); train {len(train)}, test {len(test)} by {how}",
-                   err=True)
-        train_waves, test_waves = _waveforms(train), _waveforms(test)
-        y_train, y_test = _targets(train, data), _targets(test, data)
-        groups = [item.group or str(item.path) for item in train]
-        results = []
-        for source in models:
-            started = time.perf_counter()
-            features = clip_features(source, train_waves + test_waves, n_blocks=n_blocks, device=device,
-                                     batch_size=batch_size, seed=seed)
-            l2, cross_val, score = linear_probe(features[: len(train)], y_train, groups, features[len(train) :], y_test,
-                                              multi_label=data.multi_label, seed=seed)
-            results.append(ProbeResult(source, features.shape[1], metric, l2, cross_val, score, len(train), len(test),
-                                       time.perf_counter() - started))
+                   f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
+        waves = {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS}
+        results = [_probe(source, protocol, data, splits, waves, options) for source in models]
     except (InputError, AudioDecodeError, EmptyAudioError, CheckpointError, ChecksumError, DownloadError,
             FileNotFoundError) as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
     width = max(len(r.model) for r in results)
-    click.echo(f"{'model':<{width}}  {'dims':>6}  {'L2':>7}  {'cross-val':>9}  {'test ' + metric:>13}")
+    selection = "valid" if reference else "cross-val"
+    metric = results[0].metric
+    click.echo(f"{'model':<{width}}  {'dims':>6}  {'setting':<16}  {selection:>9}  {'test ' + metric:>13}")
     for r in results:
-        click.echo(f"{r.model:<{width}}  {r.dims:>6}  {r.l2:>7.0e}  {r.cross_val:>9.3f}  {r.test:>13.3f}")
+        click.echo(f"{r.model:<{width}}  {r.dims:>6}  {r.setting:<16}  {r.selection:>9.3f}  {r.test:>13.3f}")
     if json_path is not None:
-        payload = {"manifest": str(manifest), "split": how, "n_blocks": n_blocks, "seed": seed,
+        payload = {"manifest": str(manifest), "protocol": protocol, "split": how, "n_blocks": n_blocks, "seed": seed,
                    "results": [asdict(r) for r in results]}
         json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
