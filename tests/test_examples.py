@@ -61,3 +61,11 @@ def test_finetune_and_tag_example():
     tagged = out.splitlines()[-2:]  # atst-tag's table: the true class first
     clip = out.splitlines()[-3]
     assert tagged[0].split()[1] == Path(clip).parent.name
+
+
+def test_detect_events_example():
+    needs_atst_train()
+    out = run(str(EXAMPLES / "detect_events.py"))
+    assert "event-based (onset collar 0.2 s" in out and "s000.wav" not in out.split("event-based")[1]
+    micro = float(out.split("event-based")[1].split("F1 micro ")[1].split(",")[0])
+    assert micro >= 0.8

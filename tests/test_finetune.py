@@ -21,7 +21,8 @@ from atst_features.heads import LinearHead, audioset_labels
 from atst_features.model import ATSTModel, ModelConfig
 from atst_features.training.augment import LabelMixup
 from atst_features.training.cli import main as train_main
-from atst_features.training.finetune import FineTuning, layerwise_groups
+from atst_features.training.finetune import FineTuning
+from atst_features.training.supervised import layerwise_groups
 from atst_features.audio import centre_crop
 from atst_features.training.labelled import LabelledData
 from atst_features.training.linear_eval import linear_evaluation, train_linear_head
@@ -32,7 +33,9 @@ RATE = 16000
 
 def small_model(depth: int, cls_token: bool = False, num_classes: int = 3) -> ATSTModel:
     encoder = EncoderConfig(cls_token=cls_token, embed_dim=32, depth=depth, num_heads=2, mlp_hidden_dim=64)
-    return ATSTModel(ModelConfig("clip" if cls_token else "frame", encoder, num_classes=num_classes))
+    model = ATSTModel(ModelConfig("clip" if cls_token else "frame", encoder, num_classes=num_classes))
+    model.encoder.mask_embed.requires_grad_(False)  # as model_from_source does: used only in pretraining
+    return model
 
 
 # ------------------------------------------------------------------------------------------ layer-wise decay
@@ -54,10 +57,12 @@ def test_layerwise_groups_follow_the_reference_formula(depth, cls_token):
     groups = layerwise_groups(model, decay=0.75)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(scale_of)  # no parameter in two groups
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(scale_of) == len(trainable)  # nothing trainable is left out
     names = dict(model.encoder.named_parameters())
     for name, parameter in names.items():
         if name == "mask_embed":
-            assert id(parameter) not in scale_of  # used only in pretraining
+            assert id(parameter) not in scale_of  # frozen: used only in pretraining
             continue
         assert scale_of[id(parameter)] == pytest.approx(reference_scale(name, depth)), name
     for parameter in model.head.parameters():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
-from .heads import LinearHead
+from .heads import EventHead, LinearHead
 from .model import ModelConfig
 
 __all__ = ["CheckpointError", "CheckpointContents", "read_checkpoint", "parse_state_dict"]
@@ -228,12 +228,18 @@ def parse_state_dict(
     where = f"encoder under {prefix!r}" if prefix else "state dict"
     _check_keys(encoder_state, _expected_state(ATSTEncoder, config), name, where)
 
-    kind = "c2f" if prefix == "model.student." else "clip" if config.cls_token else "frame"
-    head_state, num_classes = None, 0
+    # A C2F student: the official distillation layout, or one distilled by atst-train distill.
+    distilled = prefix == "model.student." or (prefix == "model.encoder." and bool(hyper.get("teacher")))
+    kind = "c2f" if distilled and not config.cls_token else "clip" if config.cls_token else "frame"
+    head_state, num_classes, head_type, head_norm = None, 0, "clip", False
     head_prefix = HEAD_PREFIXES.get(prefix)
     if head_prefix is not None:
         head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
-    if head_state is not None:
+    if head_state is not None and "strong.weight" in head_state:  # atst-train sed
+        head_type, num_classes = "events", int(head_state["strong.weight"].shape[0])
+        head_norm = "norm.running_mean" in head_state
+        _check_keys(head_state, _expected_state(EventHead, config.embed_dim, num_classes, head_norm), name, "event head")
+    elif head_state is not None:
         if "linear.weight" not in head_state:
             raise CheckpointError(f"{name}: the tagging head under {head_prefix!r} has no 'linear.weight'")
         num_classes = int(head_state["linear.weight"].shape[0])
@@ -243,7 +249,8 @@ def parse_state_dict(
     if labels and len(labels) != num_classes:
         raise CheckpointError(f"{name}: {len(labels)} label names in hyper_parameters for a head of {num_classes} classes")
     model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes, labels=tuple(labels),
-                               multi_label=bool(hyper.get("multi_label", True)))
+                               multi_label=bool(hyper.get("multi_label", True)), head_type=head_type,
+                               head_norm=head_norm)
     layout = f"{kind} encoder under {prefix!r}" if prefix else f"bare {kind} encoder"
     return CheckpointContents(model_config, encoder_state, head_state, layout, hyper)
 

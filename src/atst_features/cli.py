@@ -1,4 +1,4 @@
-"""Command-line tools: ``atst-embed``, ``atst-tag``, ``atst-convert`` and ``atst-models``.
+"""Command-line tools: ``atst-embed``, ``atst-tag``, ``atst-detect``, ``atst-score``, ``atst-convert`` and ``atst-models``.
 
 Expected failures (a bad file, no network, a refused overwrite) end with one ``Error: ...`` line
 and exit code 1 (2 for usage errors), never a traceback.
@@ -56,6 +56,32 @@ def _find_items(inputs: tuple[str, ...], manifest: Path | None) -> list[AudioInp
     return items
 
 
+def _result_format(output: Path | None, fmt: str | None, overwrite: bool, suffixes: tuple[str, ...]) -> str:
+    """The format of atst-tag / atst-detect results: -o's suffix (one of ``suffixes``, agreeing with
+    --format; an existing file only with --overwrite), else --format, else a table."""
+    if output is None:
+        return fmt or "table"
+    suffix = output.suffix.lstrip(".").lower()
+    if suffix not in suffixes or fmt not in (None, suffix):
+        raise click.UsageError(f"-o/--output takes a {' or '.join('.' + s for s in suffixes)} file (matching --format)")
+    if output.exists() and not overwrite:
+        raise click.UsageError(f"{str(output)!r} exists; pass --overwrite to replace it")
+    return suffix
+
+
+def _model_with_head(model_name: str, device: str | None, head_type: str, hint: str):
+    """Load a model whose head is of ``head_type``; one ``Error:`` line otherwise."""
+    try:
+        from .loading import load_model
+
+        model = load_model(model_name, device=device)
+    except (*EXPECTED_ERRORS, RuntimeError) as error:
+        raise click.ClickException(str(error).splitlines()[0]) from None
+    if model.head is None or model.config.head_type != head_type:
+        raise click.ClickException(f"{model_name!r} has no {hint}")
+    return model
+
+
 def _probe_audio() -> np.ndarray:
     """12 s of chirp and noise: two 10 s windows, two ATST-Clip chunks, exercises every path."""
     rate = 16_000
@@ -70,7 +96,9 @@ def _same_outputs(a, b) -> bool:
         (a.get_frame_embeddings(audio, n_blocks=a.depth)[0], b.get_frame_embeddings(audio, n_blocks=b.depth)[0]),
         (a.get_clip_embedding(audio, n_blocks=a.depth), b.get_clip_embedding(audio, n_blocks=b.depth)),
     ]
-    if a.head is not None:
+    if a.config.head_type == "events" and a.head is not None:
+        checks.append((a.get_event_probabilities(audio)[0][0], b.get_event_probabilities(audio)[0][0]))
+    elif a.head is not None:
         checks.append((a.get_tag_logits(audio), b.get_tag_logits(audio)))
     return all(torch.equal(x, y) for x, y in checks)
 
@@ -126,7 +154,8 @@ def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, lic
     size = weights.stat().st_size
     click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({size:,} bytes, {size / source_bytes:.0%} of the source), README.md")
     click.echo(f"  sha256 {sha256_of(weights)} (model.safetensors)")
-    what = "frame and clip embeddings" + (f" and tag logits ({len(original.labels)} classes)" if original.head is not None else "")
+    head = "event probabilities" if original.config.head_type == "events" else "tag logits"
+    what = "frame and clip embeddings" + (f" and {head} ({len(original.labels)} classes)" if original.head is not None else "")
     click.echo(f"verified: {what} of the converted model equal the source's")
     if repo_id:
         commit = push_to_hub(out_dir, repo_id, private=private)
@@ -399,6 +428,22 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
 
 
 # ---------------------------------------------------------------------------------------------- atst-tag
+def _head_command_options(command):
+    """The options atst-tag and atst-detect share (after their own)."""
+    options = [
+        click.option("--overwrite", is_flag=True, help="Replace the -o file if it exists."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="10 s windows per encoder pass."),
+        click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Threads decoding audio ahead of the model (0: decode in the main thread)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 TAG_WINDOW = 160_000  # --per-window: 10 s at 16 kHz
 
 
@@ -455,12 +500,7 @@ def _write_rows(rows: list[dict], fmt: str, stream) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default=None,
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the results to this .csv or .json file.")
-@click.option("--overwrite", is_flag=True, help="Replace the -o file if it exists.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="10 s windows per encoder pass.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Threads decoding audio ahead of the model (0: decode in the main thread).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
+@_head_command_options
 def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, batch_size, num_workers, quiet) -> None:
     """Tag audio files: the top labels of a model's tagging head, with probabilities.
 
@@ -469,24 +509,10 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     lists each window. Probabilities: sigmoid for multi-label heads, softmax for single-label ones.
     Exit status: 0 when every file was tagged, 1 when some failed, 2 for usage errors.
     """
-    if output is not None:
-        suffix = output.suffix.lstrip(".").lower()
-        if suffix not in ("csv", "json") or (fmt not in (None, suffix)):
-            raise click.UsageError("-o/--output takes a .csv or .json file (matching --format)")
-        fmt = suffix
-        if output.exists() and not overwrite:
-            raise click.UsageError(f"{str(output)!r} exists; pass --overwrite to replace it")
-    fmt = fmt or "table"
+    fmt = _result_format(output, fmt, overwrite, ("csv", "json"))
     items = _find_items(inputs, manifest)
-    try:
-        from .loading import load_model
-
-        model = load_model(model_name, device=device)
-        if model.head is None:
-            raise ValueError(f"{model_name!r} has no tagging head; fine-tune one with atst-train finetune and export it "
-                             "with atst-convert, or use a C2F checkpoint")
-    except (*EXPECTED_ERRORS, RuntimeError) as error:
-        raise click.ClickException(str(error).splitlines()[0]) from None
+    model = _model_with_head(model_name, device, "clip", "tagging head; fine-tune one with atst-train finetune and "
+                             "export it with atst-convert, or use a C2F checkpoint")
     run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged")
     rows: list[dict] = []
     batch, windows = [], 0
@@ -526,3 +552,166 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
         click.echo(run.summary(None) + (f"; wrote {output}" if output else ""), err=True)
     if run.failed:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- atst-detect
+def _per_label_option(text: str, cast, name: str):
+    """``"0.5"`` -> 0.5; ``"dog=0.3,*=0.5"`` -> ``{"dog": 0.3, "*": 0.5}``."""
+    if "=" not in text:
+        try:
+            return cast(text)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a number", param_hint=name) from None
+    values = {}
+    for part in text.split(","):
+        label, _, value = part.partition("=")
+        try:
+            values[label.strip()] = cast(value)
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: expected LABEL=NUMBER", param_hint=name) from None
+    return values
+
+
+def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, events, path: Path, title: str) -> None:
+    """Spectrogram, per-class probabilities and detected events of one file, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    mel, _ = model.frontend(torch.from_numpy(waveform)[None].to(model.device))
+    seconds = len(waveform) / 16000
+    labels = list(model.labels)
+    figure, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.2]})
+    axes[0].imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
+    axes[0].set(ylabel="mel bin", title=title)
+    times = (np.arange(len(probabilities)) + 0.5) * model.frame_hop_ms / 1000
+    for c, label in enumerate(labels):
+        axes[1].plot(times, probabilities[:, c].cpu().numpy(), label=label, linewidth=1.2)
+    axes[1].set(ylabel="probability", ylim=(0, 1))
+    axes[1].legend(loc="upper right", fontsize=7, ncol=min(len(labels), 4))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for event in events:
+        row = labels.index(event.label)
+        axes[2].barh(row, event.offset - event.onset, left=event.onset, color=colours[event.label], height=0.7)
+    axes[2].set(yticks=range(len(labels)), yticklabels=labels, xlabel="time (s)", xlim=(0, seconds), ylim=(-0.6, len(labels) - 0.4))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one audio path per line, or a CSV/TSV with a 'path' column.")
+@click.option("--model", "model_name", required=True, help="A model with an event head (atst-train sed, then atst-convert).")
+@click.option("--threshold", default="0.5", show_default=True, help="Probability threshold: one value, or LABEL=VALUE,...,*=DEFAULT.")
+@click.option("--median", default="7", show_default=True, help="Median filter length in 40 ms frames: one value, or LABEL=N,...")
+@click.option("--min-gap", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Merge events of a class closer than this (s).")
+@click.option("--min-length", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop events shorter than this (s).")
+@click.option("--hop", type=click.FloatRange(min=0.04, max=10.0), default=5.0, show_default=True,
+              help="Seconds between the starts of overlapping 10 s windows for long audio.")
+@click.option("--format", "fmt", type=click.Choice(["table", "tsv", "json"]), default=None,
+              help="Output format [default: table on the terminal; from the suffix of -o].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save a PNG per file here: spectrogram, probabilities and events.")
+@_head_command_options
+def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, overwrite,
+           device, batch_size, num_workers, quiet) -> None:
+    """Detect sound events in audio files with a model that has an event head.
+
+    Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
+    whose median-filtered frame probability reaches the threshold. Audio of any length: 10 s
+    windows every --hop seconds, overlapping probabilities averaged.
+    Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
+    """
+    from .events import decode_events, write_events
+
+    threshold = _per_label_option(threshold, float, "--threshold")
+    median = _per_label_option(median, int, "--median")
+    fmt = _result_format(output, fmt, overwrite, ("tsv", "json"))
+    items = _find_items(inputs, manifest)
+    model = _model_with_head(model_name, device, "events", "event head; train one with atst-train sed and export it "
+                             "with atst-convert")
+    decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
+                               threshold=threshold, median=median, min_gap=min_gap, min_length=min_length)
+    try:
+        decode(np.zeros((1, len(model.labels))))  # checks per-label values against the model's labels
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="processed")
+    events = []
+    for item, result in _decoded(items, num_workers):
+        if isinstance(result, BaseException):
+            run.error(item, result)
+            continue
+        try:
+            strong, _, _ = model.get_event_probabilities(result, hop_seconds=hop, batch_size=batch_size)
+            found = decode(strong[0].cpu().numpy(), filename=str(item.relative))
+            if plot_dir is not None:
+                _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
+        except (*EXPECTED_ERRORS, RuntimeError) as error:
+            run.error(item, error)
+            continue
+        run.succeeded(len(result) / 16000)
+        if fmt == "table" and output is None:
+            with tqdm.external_write_mode(file=sys.stderr):
+                click.echo(f"{item.relative}: {len(found)} event{'s' if len(found) != 1 else ''}")
+                for e in found:
+                    click.echo(f"  {e.onset:8.2f} {e.offset:8.2f}  {e.label:<20} {e.score:.2f}")
+        events.extend(found)
+    run.bar.close()
+    if fmt == "json":
+        text = json.dumps([e.__dict__ for e in events], indent=2, ensure_ascii=False) + "\n"
+        output.write_text(text, encoding="utf-8") if output is not None else sys.stdout.write(text)
+    elif fmt == "tsv":
+        write_events(events, output if output is not None else sys.stdout)
+    if not quiet:
+        click.echo(run.summary(None) + (f"; wrote {output}" if output else ""), err=True)
+    if run.failed:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- atst-score
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("detected", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--collar", type=click.FloatRange(min=0), default=0.2, show_default=True, help="Onset collar (s) of the event-based F1.")
+@click.option("--offset-share", type=click.FloatRange(min=0), default=0.2, show_default=True,
+              help="Offset collar: max(collar, this share of the reference event's length).")
+@click.option("--segment", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Segment length (s) of the segment-based F1.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the scores here.")
+@one_line_errors
+def score(reference: Path, detected: Path, collar: float, offset_share: float, segment: float, json_path) -> None:
+    """Score DETECTED events against REFERENCE events (DESED-style TSV files: filename, onset,
+    offset, event_label): event-based and segment-based F1, micro and macro, per class, with the
+    definitions of sed_eval (which it equals)."""
+    from .events import read_events
+    from .scoring import event_based, segment_based
+
+    try:
+        truth, found = read_events(reference), read_events(detected)
+    except InputError as error:
+        raise click.ClickException(str(error)) from None
+    if not truth:
+        raise click.ClickException(f"{str(reference)!r} holds no events")
+    results = {"event_based": event_based(truth, found, collar=collar, offset_share=offset_share),
+               "segment_based": segment_based(truth, found, segment=segment)}
+    click.echo(f"{len(truth)} reference events in {len({e.filename for e in truth})} files, {len(found)} detected")
+    click.echo(f"event-based (onset collar {collar:g} s, offset max({collar:g} s, {offset_share:.0%})): "
+               f"F1 micro {results['event_based'].micro_f1:.3f}, macro {results['event_based'].macro_f1:.3f}")
+    click.echo(f"segment-based ({segment:g} s segments): "
+               f"F1 micro {results['segment_based'].micro_f1:.3f}, macro {results['segment_based'].macro_f1:.3f}")
+    click.echo(f"\n{'class':<20} {'event F1':>8} {'P':>6} {'R':>6} {'segment F1':>10}")
+    for label, counts in results["event_based"].per_class.items():
+        seg = results["segment_based"].per_class[label]
+        click.echo(f"{label:<20} {counts.f1:>8.3f} {counts.precision:>6.3f} {counts.recall:>6.3f} {seg.f1:>10.3f}")
+    if json_path is not None:
+        payload = {name: scores.to_dict() for name, scores in results.items()}
+        payload["settings"] = {"collar": collar, "offset_share": offset_share, "segment": segment}
+        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

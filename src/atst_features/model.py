@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .audio import to_waveforms
 from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
 from .frontend import FrontendConfig, LogMelFrontend
-from .heads import LinearHead, default_labels
+from .heads import HEAD_TYPES, EventHead, LinearHead, default_labels, weak_pooling
 
 __all__ = ["MODEL_KINDS", "ModelConfig", "ATSTModel"]
 
@@ -32,7 +32,9 @@ class ModelConfig:
     ``kind``: ``"frame"`` (ATST-Frame), ``"clip"`` (ATST-Clip) or ``"c2f"`` (ATST-Frame distilled
     from ATST-Clip); ``num_classes``: outputs of the tagging head (0: no head), a fine-tuned one or
     C2F's; ``labels``: their names (empty: unnamed); ``multi_label``: whether the head was trained
-    with one sigmoid per class (probabilities by sigmoid) rather than a softmax.
+    with one sigmoid per class (probabilities by sigmoid) rather than a softmax; ``head_type``:
+    ``"clip"`` (a LinearHead on the clip embedding: tagging) or ``"events"`` (an EventHead on the
+    last block's frames: sound event detection); ``head_norm``: the EventHead standardises its input.
     """
 
     kind: str
@@ -41,12 +43,16 @@ class ModelConfig:
     num_classes: int = 0
     labels: tuple[str, ...] = ()
     multi_label: bool = True
+    head_type: str = "clip"
+    head_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.encoder.cls_token != (self.kind == "clip"):
             raise ValueError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.labels and len(self.labels) != self.num_classes:
             raise ValueError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
@@ -59,6 +65,8 @@ class ModelConfig:
             "num_classes": self.num_classes,
             "labels": list(self.labels),
             "multi_label": self.multi_label,
+            "head_type": self.head_type,
+            "head_norm": self.head_norm,
         }
 
     @classmethod
@@ -70,6 +78,8 @@ class ModelConfig:
             num_classes=int(data.get("num_classes", 0)),
             labels=tuple(data.get("labels", ())),
             multi_label=bool(data.get("multi_label", True)),
+            head_type=str(data.get("head_type", "clip")),
+            head_norm=bool(data.get("head_norm", False)),
         )
 
 
@@ -97,7 +107,11 @@ class ATSTModel(nn.Module):
         self.config = config
         self.frontend = LogMelFrontend(config.frontend)
         self.encoder = ATSTEncoder(config.encoder)
-        self.head = LinearHead(self.clip_embedding_size(1), config.num_classes) if config.num_classes else None
+        self.head: LinearHead | EventHead | None = None
+        if config.num_classes and config.head_type == "events":
+            self.head = EventHead(self.embed_dim, config.num_classes, norm=config.head_norm)
+        elif config.num_classes:
+            self.head = LinearHead(self.clip_embedding_size(1), config.num_classes)
         self.provenance: dict = {}  # where the weights came from; written by save_pretrained
 
     def save_pretrained(self, directory, *, provenance: dict | None = None, license: str = "cc-by-4.0"):
@@ -261,14 +275,55 @@ class ATSTModel(nn.Module):
             raise ValueError(
                 f"this {self.kind} model has no tagging head; fine-tune one (atst-train finetune) or load a C2F checkpoint"
             )
+        if isinstance(self.head, EventHead):
+            raise ValueError("an event-detection head gives probabilities, not logits: use get_tag_probabilities "
+                             "(clip level) or get_event_probabilities (per 40 ms)")
         embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
         with self._inference():
             return self.head(embedding)
 
     def get_tag_probabilities(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
-        """:meth:`get_tag_logits` through a sigmoid (multi-label heads, C2F's) or a softmax (single-label)."""
+        """Clip-level class probabilities ``[B, num_classes]``: :meth:`get_tag_logits` through a
+        sigmoid (multi-label heads, C2F's) or a softmax (single-label); for an event head, its weak
+        (attention-pooled) output over the whole clip."""
+        if isinstance(self.head, EventHead):
+            return torch.stack(self.get_event_probabilities(audio, sample_rate=sample_rate, batch_size=batch_size)[2])
         logits = self.get_tag_logits(audio, sample_rate=sample_rate, batch_size=batch_size).float()
         return logits.sigmoid() if self.config.multi_label else logits.softmax(dim=-1)
+
+    def get_event_probabilities(
+        self, audio, *, sample_rate: int | None = None, hop_seconds: float = 5.0, batch_size: int = 32
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Sound event probabilities of a model with an event head (``atst-train sed``), per clip:
+        ``(strong [T_i, C] per 40 ms token, timestamps [T_i] in ms, weak [C])``, float32.
+
+        Audio longer than 10 s runs in 10 s windows every ``hop_seconds`` (a multiple of 40 ms, at
+        most 10 s); where windows overlap, token probabilities (and attention weights) are averaged.
+        Up to 10 s it is one pass. The weak output pools the whole clip with the head's attention.
+        """
+        if not isinstance(self.head, EventHead):
+            raise ValueError(f"this {self.kind} model has no event head; train one with atst-train sed")
+        patch = self.config.encoder.patch_frames
+        hop = int(round(hop_seconds * 1000 / self.frame_hop_ms)) * patch  # spectrogram frames
+        if not 0 < hop <= self.frame_window:
+            raise ValueError(f"hop_seconds must be in (0, {self.frame_window * self._frame_ms / 1000:g}], got {hop_seconds!r}")
+        waves, _ = self._prepare(audio, sample_rate)
+        counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
+        classes = self.config.num_classes
+        sums = [torch.zeros(n, classes, device=self.device) for n in counts]
+        weights = [torch.zeros(n, classes, device=self.device) for n in counts]
+        covered = [torch.zeros(n, 1, device=self.device) for n in counts]
+        with self._inference():
+            for windows, n_tokens, out in self._run_windows(waves, self.frame_window, 1, batch_size, hop=hop):
+                strong, attention = self.head.frame_outputs(out.tokens[0].float())
+                for row, window in enumerate(windows):
+                    first, count = window.first_frame // patch, n_tokens[row]
+                    sums[window.item][first : first + count] += strong[row, :count]
+                    weights[window.item][first : first + count] += attention[row, :count]
+                    covered[window.item][first : first + count] += 1
+        strong = [s / c for s, c in zip(sums, covered)]
+        weak = [weak_pooling(p, w / c) for p, w, c in zip(strong, weights, covered)]
+        return strong, [self._timestamps(n) for n in counts], weak
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:
@@ -309,19 +364,23 @@ class ATSTModel(nn.Module):
         return torch.arange(count, device=self.device, dtype=torch.float32) * self.frame_hop_ms + centre
 
     def _run_windows(
-        self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0
+        self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0,
+        hop: int | None = None,
     ) -> Iterator[tuple[list[_Window], list[int], EncoderOutput]]:
-        """Encode every item in windows of ``width`` frames; yield ``(windows, n_tokens, output)``.
+        """Encode every item in windows of ``width`` frames, one every ``hop`` frames (default
+        ``width``: no overlap); yield ``(windows, n_tokens, output)``.
 
         A window after the first one is kept when it holds at least one token and more than
-        ``later_min_frames`` frames. Items are processed longest first in groups of about
-        ``batch_size`` windows, so the front end pads little and memory stays bounded.
+        ``later_min_frames`` frames; with overlap, windows stop at the first that reaches the end.
+        Items are processed longest first in groups of about ``batch_size`` windows, so the front
+        end pads little and memory stays bounded.
         """
+        hop = hop or width
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         patch = self.config.encoder.patch_frames
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
-        for group in self._groups(order, waves, width, batch_size):
+        for group in self._groups(order, waves, hop, batch_size):
             lengths = torch.tensor([waves[i].numel() for i in group], device=self.device)
             if len(group) == 1:  # no padded copy of a long single input
                 padded = waves[group[0]][None]
@@ -331,10 +390,12 @@ class ATSTModel(nn.Module):
             windows = []
             for row, item in enumerate(group):
                 total = int(n_frames[row])
-                for first in range(0, total, width):
+                for first in range(0, total, hop):
                     frames = min(width, total - first)
                     if frames >= patch and (first == 0 or frames > later_min_frames):
                         windows.append((row, _Window(item, first, frames)))
+                    if first + width >= total - total % patch:  # this window holds the last token
+                        break
             windows.sort(key=lambda entry: -entry[1].n_frames)
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]

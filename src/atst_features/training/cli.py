@@ -1,8 +1,10 @@
-"""``atst-train {clip,frame,finetune} --config PRESET_OR_FILE [--section.key value ...]``, on Lightning.
+"""``atst-train {clip,frame,finetune,distill,sed} --config PRESET_OR_FILE [--section.key value ...]``.
 
 ``clip`` and ``frame`` pretrain (self-supervised); ``finetune`` trains a pretrained encoder and a
 linear head on a labelled manifest (``--data.manifest``, ``--model.init``), then tests the best
-checkpoint on the test split. Presets shipped with the package (``atst-train --list-presets``):
+checkpoint on the test split; ``distill`` does the same for an ATST-Frame student with a frozen
+fine-tuned teacher (C2F, ``--model.teacher``); ``sed`` trains a frame-level event head on strong
+and weak labels (``--data.audio``, ``--data.strong``, ``--data.weak``). Presets shipped with the package (``atst-train --list-presets``):
 the paper's recipes and a tiny CPU one per method. Any key of a preset can be overridden on the
 command line (``--data.path``, ``--trainer.devices``, ``--trainer.num_nodes``, ``--trainer.precision
 bf16-mixed``, ``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` resumes a run.
@@ -18,10 +20,10 @@ from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["main", "PRESETS", "preset_path"]
 
-METHODS = ("clip", "frame", "finetune")
+METHODS = ("clip", "frame", "finetune", "distill", "sed")
 PRESETS_DIR = Path(__file__).parent / "configs"
 PRESETS = sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
-USAGE = "usage: atst-train {clip,frame,finetune} --config PRESET_OR_FILE [--section.key value ...] [--ckpt_path PATH|last]"
+USAGE = "usage: atst-train {clip,frame,finetune,distill,sed} --config PRESET_OR_FILE [--section.key value ...] [--ckpt_path PATH|last]"
 
 
 def preset_path(name_or_path: str) -> str:
@@ -47,13 +49,26 @@ class FinetuneCLI(LightningCLI):
         parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
 
 
+class EventCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.max_epochs", "trainer.max_epochs")
+        parser.link_arguments("data.label_names", "model.labels", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+
+
 def _classes(method: str):
     """(CLI class, LightningModule, LightningDataModule) of a method; Lightning is imported here."""
-    if method == "finetune":
+    if method in ("finetune", "distill"):
+        from .distill import Distillation
         from .finetune import FineTuning
         from .labelled import LabelledData
 
-        return FinetuneCLI, FineTuning, LabelledData
+        return FinetuneCLI, FineTuning if method == "finetune" else Distillation, LabelledData
+    if method == "sed":
+        from .sed import EventData, SoundEventDetection
+
+        return EventCLI, SoundEventDetection, EventData
     from .data import PretrainingData
     from .module import ClipPretraining, FramePretraining
 
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         parser_kwargs={"prog": f"atst-train {method}"},
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    if method == "finetune" and cli.datamodule.splits["test"]:
+    if method in ("finetune", "distill") and cli.datamodule.splits["test"]:
         best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
 

@@ -1,0 +1,326 @@
+"""Frame-level sound event detection (the paper's DESED and AudioSet-strong protocols, section 7.3).
+
+Data (:class:`EventData`): an audio folder with a strong-label TSV in the DESED format
+(``filename onset offset event_label``) and/or a weak-label TSV (``filename event_labels``, labels
+separated by commas). Each clip gives its first ``clip_seconds`` (10 s, one encoder window); a
+strong clip gets per-token targets (a 40 ms token is active when an event covers at least half of
+it, or lies within it), a weak clip clip-level targets.
+
+Model (:class:`SoundEventDetection`): the last block's frame tokens into an
+:class:`~atst_features.heads.EventHead` (strong: per-token sigmoid; weak: attention pooling). Loss:
+BCE of the strong output on strongly labelled clips plus BCE of the weak output on weakly labelled
+ones. ``mode``: ``freeze`` trains the head only, ``last`` the last block, the final norm and the head
+(the reference's DESED "fine-tune"), ``full`` everything with layer-wise learning-rate decay
+(its AudioSet-strong recipe). ``teacher``: an event model (e.g. ATST-Clip fine-tuned the same way)
+whose strong and weak outputs the student also fits, the C2F frame-level loss of section 6.4:
+``0.5 * supervised + 0.5 * (BCE(strong_s, strong_t) + BCE(weak_s, weak_t)) / 2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..audio import AudioDecodeError, load_audio
+from ..inputs import InputError
+from .supervised import SupervisedTraining, layerwise_groups, model_from_source
+
+__all__ = ["EventData", "SoundEventDetection", "frame_targets", "read_strong", "read_weak"]
+
+SAMPLE_RATE = 16000
+TOKEN_SECONDS = 0.04
+MODES = ("freeze", "last", "full")
+
+
+def _rows(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{str(path)!r}: cannot read the label file ({error})") from None
+    rows = list(csv.reader(lines, delimiter="\t"))
+    if not rows or [cell.strip() for cell in rows[0][: len(header)]] != header:
+        raise InputError(f"{str(path)!r}: expected a TSV with the header {' '.join(header)!r}")
+    return [(number, row) for number, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
+
+
+def read_strong(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
+    """``{filename: [(onset, offset, label), ...]}`` of a DESED strong-label TSV; a row with an empty
+    onset marks a clip without events."""
+    path, events = Path(path), {}
+    for number, row in _rows(path, ["filename", "onset", "offset", "event_label"]):
+        clip = events.setdefault(row[0].strip(), [])
+        if len(row) < 4 or not row[1].strip():
+            continue
+        try:
+            onset, offset = float(row[1]), float(row[2])
+        except ValueError:
+            raise InputError(f"{str(path)!r} line {number}: onset and offset must be numbers, got {row[1:3]}") from None
+        if not 0 <= onset <= offset:
+            raise InputError(f"{str(path)!r} line {number}: need 0 <= onset <= offset, got {onset}, {offset}")
+        if not row[3].strip():
+            raise InputError(f"{str(path)!r} line {number}: empty event_label")
+        clip.append((onset, offset, row[3].strip()))
+    return events
+
+
+def read_weak(path: str | Path) -> dict[str, list[str]]:
+    """``{filename: [label, ...]}`` of a weak-label TSV (``filename event_labels``, comma-separated)."""
+    path, labels = Path(path), {}
+    for _, row in _rows(path, ["filename", "event_labels"]):
+        cell = row[1] if len(row) > 1 else ""
+        labels[row[0].strip()] = [label.strip() for label in cell.split(",") if label.strip()]
+    return labels
+
+
+def frame_targets(events: list[tuple[float, float, str]], index: dict[str, int], n_tokens: int) -> Tensor:
+    """``[n_tokens, C]`` 0/1 targets: token ``i`` covers ``[0.04 i, 0.04 (i + 1))`` s and is active for
+    an event covering at least half of it, or lying inside it."""
+    targets = torch.zeros(n_tokens, len(index))
+    starts = torch.arange(n_tokens, dtype=torch.float64) * TOKEN_SECONDS
+    for onset, offset, label in events:
+        overlap = torch.clamp(starts + TOKEN_SECONDS, max=offset) - torch.clamp(starts, min=onset)
+        inside = (starts <= onset) & (offset <= starts + TOKEN_SECONDS) & (offset > onset)
+        targets[(overlap >= TOKEN_SECONDS / 2 - 1e-9) | inside, index[label]] = 1.0
+    return targets
+
+
+class _EventClips(Dataset):
+    """``(waveform [N], strong targets [T, C] or None, weak targets [C] or None)`` per clip."""
+
+    def __init__(self, root: Path, clips: list[tuple[str, list | None, list | None]], index: dict[str, int],
+                 clip_seconds: float) -> None:
+        self.root, self.clips, self.index = root, clips, index
+        self.samples = int(round(clip_seconds * SAMPLE_RATE))
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, item: int):
+        name, strong, weak = self.clips[item]
+        waveform, _ = load_audio(self.root / name, SAMPLE_RATE)
+        if not np.isfinite(waveform).all():
+            raise AudioDecodeError(f"{str(self.root / name)!r}: contains NaN or Inf samples")
+        waveform = torch.from_numpy(np.ascontiguousarray(waveform[: self.samples]))
+        n_tokens = max(1, (1 + len(waveform) // 160) // 4)
+        strong_targets = frame_targets(strong, self.index, n_tokens) if strong is not None else None
+        weak_targets = None
+        if weak is not None:
+            weak_targets = torch.zeros(len(self.index))
+            weak_targets[[self.index[label] for label in weak]] = 1.0
+        return waveform, strong_targets, weak_targets
+
+
+def _collate(batch):
+    """``(waveforms [B, N], n_samples [B], strong [B, T, C], is_strong [B], weak [B, C], is_weak [B])``."""
+    waves, strong, weak = zip(*batch)
+    classes = next(t.shape[-1] for t in (*strong, *weak) if t is not None)
+    tokens = max(max(1, (1 + len(w) // 160) // 4) for w in waves)
+    strong_targets = torch.zeros(len(batch), tokens, classes)
+    for row, target in enumerate(strong):
+        if target is not None:
+            strong_targets[row, : len(target)] = target
+    weak_targets = torch.stack([t if t is not None else torch.zeros(classes) for t in weak])
+    return (torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True), torch.tensor([len(w) for w in waves]),
+            strong_targets, torch.tensor([t is not None for t in strong]), weak_targets,
+            torch.tensor([t is not None for t in weak]))
+
+
+class EventData(L.LightningDataModule):
+    """Strongly and/or weakly labelled clips of ``audio`` for ``atst-train sed``.
+
+    ``strong`` / ``weak``: TSV files (see the module docstring); filenames are relative to
+    ``audio``. ``valid_strong`` / ``valid_weak``: validation files; without them ``valid_share`` of
+    the clips are held out (seeded). Labels are sorted by name. ``batch_size`` is per device.
+    """
+
+    def __init__(
+        self,
+        audio: str,
+        strong: str | None = None,
+        weak: str | None = None,
+        valid_strong: str | None = None,
+        valid_weak: str | None = None,
+        clip_seconds: float = 10.0,
+        valid_share: float = 0.15,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if strong is None and weak is None:
+            raise InputError("give --data.strong (onsets and offsets) and/or --data.weak (clip labels)")
+        if not 0 < clip_seconds <= 10.0:
+            raise InputError(f"clip_seconds must be in (0, 10] (one encoder window), got {clip_seconds}")
+        self.root = Path(audio)
+        if not self.root.is_dir():
+            raise InputError(f"{audio!r}: no such audio folder")
+        self.clip_seconds, self.batch_size, self.num_workers = clip_seconds, batch_size, num_workers
+        train = self._clips(strong, weak)
+        if valid_strong or valid_weak:
+            valid = self._clips(valid_strong, valid_weak)
+        else:
+            shuffled = sorted(train)
+            random.Random(seed).shuffle(shuffled)
+            held = max(1, round(len(shuffled) * valid_share))
+            valid, train = shuffled[:held], shuffled[held:]
+        labels = {label for _, s, w in train + valid for label in ([e[2] for e in s] if s else []) + (w or [])}
+        self.label_names: list[str] = sorted(labels)
+        self.multi_label = True
+        self.splits = {"train": train, "valid": valid}
+
+    def _clips(self, strong: str | None, weak: str | None) -> list[tuple[str, list | None, list | None]]:
+        strong_labels = read_strong(strong) if strong else {}
+        weak_labels = read_weak(weak) if weak else {}
+        clips = []
+        for name in sorted(set(strong_labels) | set(weak_labels)):
+            if not (self.root / name).is_file():
+                source = strong if name in strong_labels else weak
+                raise InputError(f"{source!r}: no audio file {str(self.root / name)!r}; filenames are relative to --data.audio")
+            clips.append((name, strong_labels.get(name), weak_labels.get(name)))
+        return clips
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        index = {label: i for i, label in enumerate(self.label_names)}
+        dataset = _EventClips(self.root, self.splits[name], index, self.clip_seconds)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=_collate, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+
+def _macro_f1(predicted: Tensor, target: Tensor) -> float:
+    """Macro F1 over the classes with a positive target or prediction (``[N, C]`` booleans)."""
+    tp = (predicted & target).sum(0).double()
+    fp = (predicted & ~target).sum(0).double()
+    fn = (~predicted & target).sum(0).double()
+    present = (tp + fp + fn) > 0
+    if not bool(present.any()):
+        return float("nan")
+    return float((2 * tp / (2 * tp + fp + fn))[present].mean())
+
+
+class SoundEventDetection(SupervisedTraining):
+    """An ATST encoder from ``init`` with a new :class:`~atst_features.heads.EventHead` for
+    ``labels``; see the module docstring for ``mode`` and ``teacher``. ``learning_rate`` is per 256
+    clips; ``layer_decay`` applies in ``full`` mode. ``head_norm``: standardise the head's input
+    (not in the reference; see :class:`~atst_features.heads.EventHead`)."""
+
+    def __init__(
+        self,
+        init: str,
+        labels: list[str] | None = None,
+        mode: str = "last",
+        learning_rate: float = 0.1,
+        max_epochs: int = 100,
+        warmup_epochs: int = 5,
+        layer_decay: float = 0.75,
+        drop_path_rate: float = 0.1,
+        teacher: str | None = None,
+        head_norm: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not labels:
+            raise ValueError("SoundEventDetection needs the label names (atst-train sed takes them from the TSV files)")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.save_hyperparameters()
+        self.model = model_from_source(init, labels, multi_label=True, head_type="events", drop_path_rate=drop_path_rate,
+                                       head_norm=head_norm)
+        encoder = self.model.encoder
+        if mode != "full":
+            encoder.requires_grad_(False)
+            if mode == "last":
+                encoder.blocks[-1].requires_grad_(True)
+                encoder.norm.requires_grad_(True)
+        self.teacher = None
+        if teacher is not None:
+            from ..loading import load_model
+
+            self.teacher = load_model(teacher, device="cpu")
+            if self.teacher.config.head_type != "events" or list(self.teacher.labels) != list(labels):
+                raise ValueError(f"{teacher!r}: the teacher must be an event model with the labels {list(labels)}")
+            self.teacher.requires_grad_(False)
+        self._outputs: list = []
+
+    def parameter_groups(self) -> list[dict]:
+        if self.hparams.mode != "full":  # no decay: only the last block, the norm and the head train
+            return layerwise_groups(self.model, 1.0)
+        return super().parameter_groups()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the reference's frame-level teacher runs in eval mode, under no_grad
+        return self
+
+    def outputs(self, model, mel: Tensor, n_frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(strong [B, T, C], weak [B, C], n_tokens [B])`` of one encoder window (at most 10 s)."""
+        n_tokens = (n_frames // model.config.encoder.patch_frames).clamp(min=1)
+        tokens = model.encoder(mel[..., : model.frame_window], n_tokens, 1).tokens[0].float()
+        strong, weak = model.head(tokens, n_tokens)
+        return strong, weak, n_tokens
+
+    @staticmethod
+    def _supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak) -> Tensor:
+        loss = strong.new_zeros(())
+        if bool(is_strong.any()):
+            width = min(strong.shape[1], strong_targets.shape[1])
+            valid = (torch.arange(width, device=strong.device)[None, :] < n_tokens[:, None]) & is_strong[:, None]
+            loss = loss + F.binary_cross_entropy(strong[:, :width][valid], strong_targets[:, :width][valid])
+        if bool(is_weak.any()):
+            loss = loss + F.binary_cross_entropy(weak[is_weak], weak_targets[is_weak])
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        waveforms, n_samples, strong_targets, is_strong, weak_targets, is_weak = batch
+        lr = self.update_learning_rate()
+        mel, n_frames = self.spectrograms(waveforms, n_samples)
+        strong, weak, n_tokens = self.outputs(self.model, mel, n_frames)
+        loss = self._supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_strong, teacher_weak, _ = self.outputs(self.teacher, mel, n_frames)
+            valid = torch.arange(strong.shape[1], device=strong.device)[None, :] < n_tokens[:, None]
+            distill = (F.binary_cross_entropy(strong[valid], teacher_strong[valid])
+                       + F.binary_cross_entropy(weak, teacher_weak)) / 2
+            loss = 0.5 * loss + 0.5 * distill
+        self.log_dict({"loss": loss, "lr": lr}, prog_bar=True, batch_size=len(waveforms))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        waveforms, n_samples, strong_targets, is_strong, weak_targets, is_weak = batch
+        mel, n_frames = self.spectrograms(waveforms, n_samples)
+        strong, weak, n_tokens = self.outputs(self.model, mel, n_frames)
+        loss = self._supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak)
+        self.log("valid_loss", loss, batch_size=len(waveforms), sync_dist=True)
+        width = min(strong.shape[1], strong_targets.shape[1])
+        valid = (torch.arange(width, device=strong.device)[None, :] < n_tokens[:, None]) & is_strong[:, None]
+        self._outputs.append((strong[:, :width][valid].cpu(), strong_targets[:, :width][valid].cpu(),
+                              weak[is_weak].cpu(), weak_targets[is_weak].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        outputs, self._outputs = self._outputs, []
+        if not outputs:
+            return
+        strong, strong_targets, weak, weak_targets = (torch.cat([o[i] for o in outputs]) for i in range(4))
+        scores = {}
+        if len(strong):
+            scores["valid_frame_f1"] = _macro_f1(strong >= 0.5, strong_targets > 0.5)
+        if len(weak):
+            scores["valid_weak_f1"] = _macro_f1(weak >= 0.5, weak_targets > 0.5)
+        values = [v for v in scores.values() if not np.isnan(v)]
+        scores["valid_score"] = float(np.mean(values)) if values else 0.0
+        self.log_dict(scores, prog_bar=True)
