@@ -96,7 +96,8 @@ def test_long_file_reads_in_blocks(tmp_path, monkeypatch):
     path = tmp_path / "blocks.wav"
     soundfile.write(path, audio, 44100, subtype="FLOAT")
     whole, _ = load_audio(path)
-    monkeypatch.setattr(audio_module, "BLOCK_FRAMES", 1000)
+    monkeypatch.setattr(audio_module, "BLOCK_SAMPLES", 2000)  # 1000 frames of 2 channels
+    monkeypatch.setattr(audio_module, "INITIAL_SAMPLES", 5000)  # and a buffer that has to grow
     blocked, _ = load_audio(path)
     np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=0)
 
@@ -188,3 +189,78 @@ def test_offset_and_duration(tmp_path):
     assert len(tail) == 4000
     with pytest.raises(EmptyAudioError, match="no samples from 5.0 s on"):
         load_audio(path, offset=5.0)
+
+
+# ------------------------------------------------------------------ hostile headers
+def flac_with_total_samples(tmp_path, total: int):
+    """A 1 s FLAC whose STREAMINFO declares ``total`` samples (36-bit field; 0 means unknown)."""
+    path = tmp_path / f"total-{total}.flac"
+    soundfile.write(path, signal(1.0, 16000, 1), 16000, format="FLAC")
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first; its fields start at byte 8
+    data[21] = (data[21] & 0xF0) | ((total >> 32) & 0x0F)  # total samples: bits 108..143 of STREAMINFO
+    data[22:26] = (total & 0xFFFFFFFF).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_header_declaring_billions_of_samples_allocates_nothing_of_it(tmp_path):
+    import tracemalloc
+
+    path = flac_with_total_samples(tmp_path, 2**36 - 1)  # 68.7 G samples: 275 GB of float32
+    assert soundfile.info(str(path)).frames == 2**36 - 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioDecodeError, match=r"total-68719476735.flac': (cannot decode|truncated or corrupt)"):
+            load_audio(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+def test_a_flac_of_unknown_length_fails_in_one_line(tmp_path):
+    # Spec-valid (0 = unknown), but libsndfile reports 2**63 - 1 frames and stops with a seek error
+    # after 12 288 of the 16 000 samples: a clear error naming the file, nothing allocated from it.
+    path = flac_with_total_samples(tmp_path, 0)
+    with pytest.raises(AudioDecodeError, match=r"total-0.flac': cannot decode .*; convert it to WAV"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("rate", [1, 999, 800_000])
+def test_declared_rates_outside_the_limits_are_refused(tmp_path, rate):
+    path = tmp_path / "odd.wav"
+    soundfile.write(path, np.zeros(32, dtype=np.float32), rate)
+    with pytest.raises(AudioDecodeError, match=f"odd.wav.*declares {rate} Hz, outside 1000-768000 Hz"):
+        load_audio(path)
+    from atst_features.audio import to_waveforms
+
+    with pytest.raises(ValueError, match=f"sample_rate={rate} Hz is outside"):
+        to_waveforms(np.zeros(32, dtype=np.float32), rate)
+
+
+def test_non_finite_samples_in_a_file_are_refused(tmp_path):
+    path = tmp_path / "nan.wav"
+    audio = signal(0.5, 16000, 1)
+    audio[100] = np.nan
+    soundfile.write(path, audio, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="nan.wav.*NaN or Inf"):
+        load_audio(path)
+
+
+def test_one_sample_at_44k_is_reported_as_too_short_not_empty(tmp_path):
+    path = tmp_path / "one.wav"
+    soundfile.write(path, np.full(1, 0.1, dtype=np.float32), 44100)
+    with pytest.raises(EmptyAudioError, match="1 sample.*at 44100 Hz make less than one sample at 16000 Hz"):
+        load_audio(path)
+
+
+def test_a_binary_manifest_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from atst_features.cli import embed
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_bytes(b"\xff\xfe\x00\x01binary\x80\x81")
+    result = CliRunner().invoke(embed, ["--manifest", str(manifest)])
+    assert result.exit_code == 2 and "not a text manifest (not UTF-8)" in result.output and "Traceback" not in result.output

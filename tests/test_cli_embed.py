@@ -152,7 +152,7 @@ def test_rerun_resumes_and_overwrite_recomputes(tmp_path, frame_small_ckpt):
         k: v for k, v in stamps.items() if k != "1.npz"
     }
     result = run(str(data), "-d", str(out), "--overwrite", model=frame_small_ckpt)
-    assert "3 embedded" in result.output and "0 skipped" in result.output
+    assert result.exit_code == 0 and "3 embedded" in result.output and "0 skipped" in result.output
 
 
 @pytest.mark.parametrize(

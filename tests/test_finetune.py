@@ -274,3 +274,15 @@ def test_reference_linear_evaluation_selects_on_valid():
                                {"train": train_y, "valid": valid_y, "test": test_y},
                                multi_label=False, num_classes=2, learning_rates=(1e-6, 0.5), epochs=20, progress=False)
     assert result.learning_rate == 0.5 and result.test > 0.95
+
+
+def test_atst_train_without_the_train_extra_is_one_line(monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning -> ImportError
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["finetune", "--config", "finetune-tiny"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: atst-train needs the train extra: pip install 'atst-features[train]'\n"

@@ -34,7 +34,6 @@ def test_no_torchaudio_in_the_library():
     import atst_features.model  # noqa: F401
 
     src = [m for m in sys.modules if m.startswith("atst_features")]
-    assert src
     for name in src:
         module = sys.modules[name]
         text = open(module.__file__, encoding="utf-8").read() if getattr(module, "__file__", None) else ""

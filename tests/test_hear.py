@@ -30,10 +30,9 @@ def noise(batch: int, seconds: float, seed: int = 0) -> torch.Tensor:
 
 
 def test_model_attributes(hear_model):
-    assert isinstance(hear_model, torch.nn.Module)
     assert hear_model.sample_rate == 16000
     for name in ("scene_embedding_size", "timestamp_embedding_size"):
-        assert isinstance(getattr(hear_model, name), int)
+        assert type(getattr(hear_model, name)) is int  # the HEAR API wants plain ints, not numpy or float
     kind, prompts = hear_model.model.kind, hear_model.model.config.encoder.n_prompts
     expected_scene = 2 * 12 * 384 if kind == "clip" or prompts else 12 * 384  # the paper's 12-block setting
     assert hear_model.scene_embedding_size == expected_scene

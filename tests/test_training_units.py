@@ -145,7 +145,7 @@ def test_log_mixup_exp_value():
     alpha = 0.4 * torch.rand(2, generator=torch.Generator().manual_seed(7))  # the same draws
     expected = torch.log(1 + 2 * alpha + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(mixed, expected.view(2, 1, 1).expand(2, 4, 6), rtol=0, atol=1e-6)
-    assert (alpha < 0.4).all() and mixup.filled == 3  # the unmixed inputs joined the bank
+    assert mixup.filled == 3  # the unmixed inputs joined the bank
 
 
 # ------------------------------------------------------------------ RandomResizeCrop

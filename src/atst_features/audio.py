@@ -19,7 +19,10 @@ from torch import Tensor
 
 __all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms"]
 
-BLOCK_FRAMES = 1 << 18  # frames decoded at a time (about 6 s at 44.1 kHz): bounds memory on long files
+BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) decoded at a time: bounds memory on long files
+INITIAL_SAMPLES = 1 << 22  # first output buffer (16 MB); it grows as samples arrive, never from a header
+RATE_LIMITS = (1000, 768_000)  # sample rates accepted, Hz: beyond them a file or call is refused
+MAX_CHANNELS = 1024
 CONVERT_HINT = "convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"
 
 
@@ -74,8 +77,10 @@ def load_audio(
     (only that segment is read). Returns ``(waveform, info)``; ``info.frames`` counts decoded frames.
 
     Raises :class:`AudioDecodeError` (with libsndfile's reason and a conversion hint) for missing,
-    unreadable, corrupt, truncated or unsupported files, and :class:`EmptyAudioError` for files
-    without samples. Formats: whatever libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3, AIFF, ...).
+    unreadable, corrupt, truncated or unsupported files, NaN or Inf samples, and declared sample
+    rates or channel counts outside ``RATE_LIMITS`` / ``MAX_CHANNELS``; :class:`EmptyAudioError`
+    for files without samples. Memory follows the samples actually decoded, never a header's
+    declared length. Formats: whatever libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3, AIFF, ...).
     ``path`` may also be a binary file object (e.g. ``io.BytesIO`` of an encoded file).
     """
     if isinstance(path, (str, os.PathLike)):
@@ -90,10 +95,12 @@ def load_audio(
     try:
         with soundfile.SoundFile(source) as handle:
             info = AudioInfo(str(path), handle.samplerate, handle.channels, handle.frames, handle.format, handle.subtype)
-            if info.frames == 0:
-                raise EmptyAudioError(f"{str(path)!r}: the file holds no audio samples")
-            first = min(int(round(offset * info.sample_rate)), info.frames)
-            wanted = info.frames - first
+            _check_header(info, path)
+            # A header may lie (a corrupt length field) or not know (a FLAC stream of unknown
+            # length declares 0): decode what is there, and never allocate from the declared length.
+            known = info.frames > 0
+            first = min(int(round(offset * info.sample_rate)), info.frames) if known else int(round(offset * info.sample_rate))
+            wanted = info.frames - first if known else np.iinfo(np.int64).max
             if duration is not None:
                 wanted = min(int(round(duration * info.sample_rate)), wanted)
             if wanted <= 0:
@@ -108,11 +115,13 @@ def load_audio(
                 if rate != info.sample_rate
                 else None
             )
-            out = np.empty(int(np.ceil(wanted * rate / info.sample_rate)) + 16, dtype=np.float32)
+            out = np.empty(min(int(np.ceil(min(wanted, INITIAL_SAMPLES) * rate / info.sample_rate)) + 16, INITIAL_SAMPLES),
+                           dtype=np.float32)
             filled = decoded = 0
+            block_frames = max(1, BLOCK_SAMPLES // info.channels)
             # Not SoundFile.blocks(): it zero-fills a stream that ends before its header says.
             while decoded < wanted and len(
-                block := handle.read(min(BLOCK_FRAMES, wanted - decoded), dtype="float32", always_2d=True)
+                block := handle.read(min(block_frames, wanted - decoded), dtype="float32", always_2d=True)
             ):
                 decoded += len(block)
                 mono = block.mean(axis=1, dtype=np.float32) if info.channels > 1 else block[:, 0]
@@ -122,17 +131,35 @@ def load_audio(
                 out, filled = _append(out, filled, stream.resample_chunk(np.zeros(0, np.float32), last=True))
     except (EmptyAudioError, AudioDecodeError):
         raise
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError) as err:
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
         raise _decode_error(path, err) from None
-    if decoded < 0.99 * wanted:  # e.g. a cut MP3 whose header still promises the whole stream
+    if known and decoded < 0.99 * wanted:  # e.g. a cut MP3 whose header still promises the whole stream
         raise AudioDecodeError(
             f"{str(path)!r}: truncated or corrupt (the header promises {wanted} samples, "
             f"{decoded} could be decoded); {CONVERT_HINT}"
         )
-    if filled == 0:
+    if decoded == 0:
         raise EmptyAudioError(f"{str(path)!r}: the file holds no audio samples")
+    if filled == 0:
+        raise EmptyAudioError(
+            f"{str(path)!r}: {decoded} sample(s) at {info.sample_rate} Hz make less than one sample at {rate} Hz"
+        )
+    waveform = out[:filled]
+    if not np.isfinite(waveform).all():
+        raise AudioDecodeError(f"{str(path)!r}: contains NaN or Inf samples (a float file with invalid values)")
     info = AudioInfo(info.path, info.sample_rate, info.channels, decoded, info.format, info.subtype)
-    return out[:filled], info
+    return waveform, info
+
+
+def _check_header(info: AudioInfo, path: Path) -> None:
+    """Refuse declared sample rates and channel counts no real recording has (fuzzed headers)."""
+    low, high = RATE_LIMITS
+    if not low <= info.sample_rate <= high:
+        raise AudioDecodeError(
+            f"{str(path)!r}: declares {info.sample_rate} Hz, outside {low}-{high} Hz (a corrupt header?); {CONVERT_HINT}"
+        )
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise AudioDecodeError(f"{str(path)!r}: declares {info.channels} channels (at most {MAX_CHANNELS}); {CONVERT_HINT}")
 
 
 def _append(buffer: np.ndarray, filled: int, chunk: np.ndarray) -> tuple[np.ndarray, int]:
@@ -181,6 +208,8 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = 16000) -> tu
     """
     if sample_rate is not None and (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if sample_rate is not None and not RATE_LIMITS[0] <= sample_rate <= RATE_LIMITS[1]:
+        raise ValueError(f"sample_rate={sample_rate} Hz is outside {RATE_LIMITS[0]}-{RATE_LIMITS[1]} Hz; pass the rate of the samples")
     if isinstance(audio, (str, os.PathLike)):
         waveform, info = load_audio(audio, target_rate=target_rate)
         if sample_rate is not None and sample_rate != info.sample_rate:

@@ -84,7 +84,10 @@ def read_manifest(manifest: str | os.PathLike) -> list[tuple[Path, float | None]
     one path per line (``#`` starts a comment), or a CSV / TSV whose header names a path column.
     Relative paths are relative to the manifest's folder."""
     manifest = Path(manifest)
-    text = manifest.read_text(encoding="utf-8-sig")
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{str(manifest)!r}: not a text manifest (not UTF-8); list one audio path per line") from None
     lines = manifest_lines(text)
     if not lines:
         return []

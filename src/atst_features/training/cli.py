@@ -16,8 +16,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-
 __all__ = ["main", "PRESETS", "preset_path"]
 
 METHODS = ("clip", "frame", "finetune", "distill", "sed")
@@ -33,46 +31,49 @@ def preset_path(name_or_path: str) -> str:
     return name_or_path
 
 
-class TrainCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.max_steps", "trainer.max_steps")
-        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
-
-
-class FinetuneCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.max_epochs", "trainer.max_epochs")
-        parser.link_arguments("data.label_names", "model.labels", apply_on="instantiate")
-        parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
-        parser.link_arguments("model.crop_seconds", "data.crop_seconds")
-        parser.link_arguments("seed_everything", "data.seed")
-        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
-
-
-class EventCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.max_epochs", "trainer.max_epochs")
-        parser.link_arguments("data.label_names", "model.labels", apply_on="instantiate")
-        parser.link_arguments("seed_everything", "data.seed")
-        parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+# Which arguments each method links: (source, target, when); the data module's label names and
+# task type reach the model once the data module exists ("instantiate").
+LINKS = {
+    "pretrain": [("model.max_steps", "trainer.max_steps", "parse")],
+    "finetune": [("model.max_epochs", "trainer.max_epochs", "parse"), ("data.label_names", "model.labels", "instantiate"),
+                 ("data.multi_label", "model.multi_label", "instantiate"), ("model.crop_seconds", "data.crop_seconds", "parse"),
+                 ("seed_everything", "data.seed", "parse")],
+    "sed": [("model.max_epochs", "trainer.max_epochs", "parse"), ("data.label_names", "model.labels", "instantiate"),
+            ("seed_everything", "data.seed", "parse")],
+}
 
 
 def _classes(method: str):
-    """(CLI class, LightningModule, LightningDataModule) of a method; Lightning is imported here."""
+    """(CLI class, LightningModule, LightningDataModule) of a method; Lightning is imported here,
+    so that a missing ``train`` extra is one line, not a traceback."""
+    try:
+        from lightning.pytorch.cli import LightningCLI
+    except ImportError:
+        print("error: atst-train needs the train extra: pip install 'atst-features[train]'", file=sys.stderr)
+        sys.exit(1)
     if method in ("finetune", "distill"):
         from .distill import Distillation
         from .finetune import FineTuning
         from .labelled import LabelledData
 
-        return FinetuneCLI, FineTuning if method == "finetune" else Distillation, LabelledData
-    if method == "sed":
+        family, module, data = "finetune", FineTuning if method == "finetune" else Distillation, LabelledData
+    elif method == "sed":
         from .sed import EventData, SoundEventDetection
 
-        return EventCLI, SoundEventDetection, EventData
-    from .data import PretrainingData
-    from .module import ClipPretraining, FramePretraining
+        family, module, data = "sed", SoundEventDetection, EventData
+    else:
+        from .data import PretrainingData
+        from .module import ClipPretraining, FramePretraining
 
-    return TrainCLI, {"clip": ClipPretraining, "frame": FramePretraining}[method], PretrainingData
+        family, module, data = "pretrain", {"clip": ClipPretraining, "frame": FramePretraining}[method], PretrainingData
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            for source, target, when in LINKS[family]:
+                parser.link_arguments(source, target, apply_on=when)
+            parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+
+    return TrainCLI, module, data
 
 
 def main(argv: list[str] | None = None) -> None:
