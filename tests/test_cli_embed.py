@@ -258,3 +258,31 @@ def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, 
     assert len(list(out.glob("*.npz"))) == 24
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before  # finished files untouched
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_symlink_loops_fifos_and_long_names(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    write_audio(data / "a.wav", 0.5, 0)
+    long_name = "b" * 248 + ".wav"  # 252 bytes: the longest names still leave room for ".npz"
+    write_audio(data / long_name, 0.5, 1)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    (data / "up").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(data / "pipe.wav")
+    out = tmp_path / "out"
+    result = run(str(data), "-d", str(out), model=frame_small_ckpt)
+    assert result.exit_code == 0, result.output
+    assert "2 embedded" in result.output  # each file once: no loop, no FIFO
+    assert sorted(p.name for p in out.rglob("*.npz")) == sorted(["a.npz", "b" * 248 + ".npz"])
+    result = run(str(data / "pipe.wav"), "-o", str(tmp_path / "pipe.npz"), model=frame_small_ckpt)
+    assert result.exit_code == 1 and "not a regular file" in result.output  # and no hang
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
+    from atst_features.outputs import _atomic
+
+    target = tmp_path / ("x" * 250 + ".npz")
+    with _atomic(target) as first, _atomic(target) as second:
+        assert first != second and len(first.name) < 64 and first.name.startswith(".atst-")
+        first.write_bytes(b"1")
+        second.write_bytes(b"2")
+    assert target.read_bytes() == b"1" and not list(tmp_path.glob(".atst-*"))

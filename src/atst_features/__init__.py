@@ -1,20 +1,21 @@
 """ATST audio representations: clip-level and frame-level embeddings from ATST-Clip, ATST-Frame and ATST-C2F."""
 
-from .audio import AudioDecodeError, EmptyAudioError
-from .checkpoints import CheckpointError
-from .hub import ChecksumError, DownloadError, PretrainedModel, list_models
+from .errors import ATSTError, AudioDecodeError, CheckpointError, ChecksumError, DownloadError, EmptyAudioError, InputError
+from .hub import PretrainedModel, list_models
 from .loading import load_model
 from .model import ATSTModel
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ATSTError",
     "ATSTModel",
     "AudioDecodeError",
     "CheckpointError",
     "ChecksumError",
     "DownloadError",
     "EmptyAudioError",
+    "InputError",
     "PretrainedModel",
     "get_clip_embedding",
     "get_frame_embeddings",

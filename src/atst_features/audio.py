@@ -17,6 +17,8 @@ import soxr
 import torch
 from torch import Tensor
 
+from .errors import AudioDecodeError, EmptyAudioError
+
 __all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms"]
 
 BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) decoded at a time: bounds memory on long files
@@ -26,12 +28,6 @@ MAX_CHANNELS = 1024
 CONVERT_HINT = "convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"
 
 
-class AudioDecodeError(ValueError):
-    """A file that cannot be decoded: missing, a directory, unreadable, corrupt or an unsupported format."""
-
-
-class EmptyAudioError(ValueError):
-    """Audio with no samples."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +85,8 @@ def load_audio(
             raise AudioDecodeError(f"{str(path)!r}: is a directory, not an audio file")
         if not path.exists():
             raise AudioDecodeError(f"{str(path)!r}: no such file")
+        if not path.is_file():  # checked before opening: reading a FIFO would block
+            raise AudioDecodeError(f"{str(path)!r}: not a regular file (a FIFO, socket or device?)")
         source = str(path)
     else:
         source, path = path, Path(getattr(path, "name", "<audio bytes>"))

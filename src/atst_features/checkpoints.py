@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
+from .errors import CheckpointError
 from .heads import EventHead, LinearHead
 from .model import ModelConfig
 
@@ -56,9 +57,6 @@ _RENAMES = (
     (re.compile(r"^norm_frame\."), "norm."),
 )
 
-
-class CheckpointError(ValueError):
-    """A file that is not a readable ATST checkpoint; the message names it and what was expected."""
 
 
 @dataclass

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AudioDecodeError, load_audio
-from .checkpoints import CheckpointError
-from .hub import DEFAULT_MODEL, ChecksumError, DownloadError, list_models, push_to_hub, sha256_of
-from .inputs import AudioInput, InputError, find_inputs
+from .audio import load_audio
+from .errors import ATSTError, InputError
+from .hub import DEFAULT_MODEL, list_models, push_to_hub, sha256_of
+from .inputs import AudioInput, find_inputs
 from .outputs import FORMATS, FrameStream, output_files, write_outputs
 
-EXPECTED_ERRORS = (CheckpointError, ChecksumError, DownloadError, AudioDecodeError, FileNotFoundError, ValueError, OSError)
+# The library's own errors, and the built-in ones of bad values and unreachable files that other
+# libraries raise for a user's input (torch, soundfile, huggingface_hub).
+EXPECTED_ERRORS = (ATSTError, FileNotFoundError, ValueError, OSError)
 
 
 def one_line_errors(command):

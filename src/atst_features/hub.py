@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ChecksumError, DownloadError
 from .pretrained import ATST_CITATION, CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
@@ -49,12 +50,6 @@ ATST_SED_CITATION = """@inproceedings{shao2024atstsed,
 }"""
 
 
-class ChecksumError(ValueError):
-    """A downloaded weights file whose sha256 is not the expected one; the file is not used."""
-
-
-class DownloadError(OSError):
-    """A model that could not be fetched from the Hub (and is not in the cache)."""
 
 
 @dataclass(frozen=True)

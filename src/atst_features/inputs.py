@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = [
     "AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs", "manifest_lines", "path_column", "read_manifest",
     "scan_folder",
@@ -25,9 +27,6 @@ AUDIO_SUFFIXES = frozenset(
 _GLOB_CHARS = set("*?[")
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "audio", "audio_path")
 
-
-class InputError(ValueError):
-    """Inputs that cannot be used at all (e.g. a manifest without a path column)."""
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,31 @@ def _under_root(path: Path, root: Path) -> Path:
         return Path(*path.resolve().parts[1:])
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 def scan_folder(folder: Path) -> list[AudioInput]:
-    """Audio files under ``folder`` (recursively, by suffix), in a stable order."""
+    """Audio files under ``folder`` (recursively, by suffix), in a stable order. Symbolic links to
+    folders are followed, each real folder once (a link loop such as ``ln -s . loop`` adds
+    nothing); FIFOs, sockets and devices are skipped (reading one would block or never end)."""
     found = []
+    visited = {_identity(str(folder))}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
+        keep = []
+        for name in sorted(dirnames):
+            identity = _identity(os.path.join(dirpath, name))
+            if identity is not None and identity not in visited:
+                visited.add(identity)
+                keep.append(name)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in AUDIO_SUFFIXES:
-                path = Path(dirpath) / name
+            path = Path(dirpath) / name
+            if path.suffix.lower() in AUDIO_SUFFIXES and (path.is_file() or not path.exists()):
                 found.append(AudioInput(path, path.relative_to(folder)))
     return found
 

@@ -1,8 +1,11 @@
 """Writing embedding files atomically: npz, npy or pt, in memory or streamed for long audio.
 
-Every file is written to a hidden ``.<name>.partial`` file in its own folder and renamed into
-place when complete, so a visible output is always whole; an interrupted run leaves at most a
-hidden ``.partial`` file, which the next run replaces. Arrays are float32; timestamps are in ms.
+Every file is written to a hidden temporary file in its own folder (``.atst-<digest>-<pid>-<random>.partial``:
+short, whatever the output's name, and unique, so concurrent runs never share one) and renamed
+into place when complete, so a visible output is always whole, even while another process writes
+the same output. An interrupted run leaves at most a hidden ``.partial`` file per output, which
+the next run writing that output removes.
+Arrays are float32; timestamps are in ms.
 
 Layout (``<base>`` is the output path without suffix):
 
@@ -14,7 +17,9 @@ Layout (``<base>`` is the output path without suffix):
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,11 +45,33 @@ def output_files(base: Path, fmt: str, keys: list[str]) -> list[Path]:
     return [base.with_name(f"{base.name}.{fmt}")]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def temporary_beside(path: Path, suffix: str = ".partial") -> Path:
+    """A hidden temporary path in ``path``'s folder: ``.atst-<name digest>-<pid>-<random><suffix>``,
+    short whatever the name, unique per writer. Leftovers of dead processes for the same output are
+    removed (an interrupted run's file is replaced by the next run's)."""
+    prefix = f".atst-{hashlib.sha1(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-"
+    for stale in path.parent.glob(f"{prefix}*{suffix}"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return path.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 @contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
+    temporary = temporary_beside(path)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -65,7 +92,7 @@ class FrameStream:
 
     def __init__(self, base: Path, shape: tuple[int, int]) -> None:
         base.parent.mkdir(parents=True, exist_ok=True)
-        self.path = base.with_name(f".{base.name}.frame.partial.npy")
+        self.path = temporary_beside(base, ".partial.npy")
         self.shape = shape
         self.rows = 0
         self._file = open(self.path, "wb")

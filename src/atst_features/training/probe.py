@@ -36,11 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..audio import AudioDecodeError, EmptyAudioError, centre_crop, load_audio
-from ..checkpoints import CheckpointError
+from ..audio import centre_crop, load_audio
 from ..frontend import FrontendConfig, LogMelFrontend
-from ..hub import ChecksumError, DownloadError
-from ..inputs import InputError
+from ..errors import ATSTError, InputError
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
 from .manifests import SPLITS, LabelledItem, grouped_folds, read_labelled, split_items
 from .metrics import score
@@ -291,8 +289,7 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
                    f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
         waves = {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS}
         results = [_probe(source, protocol, data, splits, waves, options) for source in models]
-    except (InputError, AudioDecodeError, EmptyAudioError, CheckpointError, ChecksumError, DownloadError,
-            FileNotFoundError) as error:
+    except (ATSTError, FileNotFoundError) as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
     width = max(len(r.model) for r in results)
     selection = "valid" if reference else "cross-val"

@@ -1,0 +1,46 @@
+"""One family for every expected failure: catch :class:`ATSTError` to handle them all.
+
+Each class also derives from the built-in error it is about (``ValueError`` for a bad value or
+file content, ``OSError`` for an unreachable resource), so ``except ValueError`` keeps working.
+Messages are one line that names the input and says what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ATSTError",
+    "AudioDecodeError",
+    "CheckpointError",
+    "ChecksumError",
+    "DownloadError",
+    "EmptyAudioError",
+    "InputError",
+]
+
+
+class ATSTError(Exception):
+    """Base of the errors atst-features raises on purpose."""
+
+
+class AudioDecodeError(ATSTError, ValueError):
+    """A file that cannot be decoded: missing, a directory, unreadable, corrupt or an unsupported format."""
+
+
+class EmptyAudioError(ATSTError, ValueError):
+    """Audio with no samples."""
+
+
+class InputError(ATSTError, ValueError):
+    """Inputs that cannot be used at all (e.g. a manifest without a path column)."""
+
+
+class CheckpointError(ATSTError, ValueError):
+    """A file that is not a readable ATST checkpoint; the message names it and what was expected."""
+
+
+class ChecksumError(ATSTError, ValueError):
+    """A downloaded weights file whose sha256 is not the expected one; the file is not used."""
+
+
+class DownloadError(ATSTError, OSError):
+    """A model that could not be fetched from the Hub (and is not in the cache)."""
