@@ -77,8 +77,9 @@ def main() -> None:
             seconds = audio.size / 16_000
             for output in ("frame", "clip"):
                 method = model.get_frame_embeddings if output == "frame" else model.get_clip_embedding
-                batched = timed(lambda: method(audio, n_blocks=12), args.repeats, device)
-                single = timed(lambda: method(audio, n_blocks=12, batch_size=1), args.repeats, device)
+                batched = timed(lambda method=method, audio=audio: method(audio, n_blocks=12), args.repeats, device)
+                single = timed(lambda method=method, audio=audio: method(audio, n_blocks=12, batch_size=1),
+                               args.repeats, device)
                 print(
                     f"{size:<7} {name:<9} {output:<6} {seconds / batched:>10.1f} {seconds / single:>20.1f} "
                     f"{single / batched:>6.2f}"

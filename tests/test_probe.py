@@ -71,7 +71,7 @@ def test_bad_rows_name_the_line(tmp_path, rows, message):
 def test_average_precision_equals_scikit_learn():
     metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         targets = rng.integers(0, 2, size=(40, 5))
         targets[:, 0] = 0  # a class without positives is left out of the mean
         scores = np.round(rng.standard_normal((40, 5)), 1)  # ties

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 

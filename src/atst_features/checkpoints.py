@@ -28,7 +28,7 @@ from .errors import CheckpointError
 from .heads import EventHead, LinearHead
 from .model import ModelConfig
 
-__all__ = ["CheckpointError", "CheckpointContents", "read_checkpoint", "parse_state_dict"]
+__all__ = ["CheckpointError", "CheckpointContents", "check_tensors", "read_checkpoint", "parse_state_dict"]
 
 # Known places of the encoder, most specific first: the C2F student must win over the C2F file's
 # ATST-Clip teacher, and a pretraining teacher over its student.
@@ -109,6 +109,18 @@ def _flat_state_dict(container: object) -> dict[str, Tensor] | None:
     return tensors or None
 
 
+def check_tensors(state: dict[str, Tensor], name: str) -> None:
+    """Weights must be finite floating-point tensors (BatchNorm's ``num_batches_tracked`` an integer):
+    a ``CheckpointError`` names the first tensor that is not."""
+    for key, tensor in state.items():
+        if key.endswith("num_batches_tracked") and not tensor.is_floating_point() and not tensor.is_complex():
+            continue
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{name}: tensor {key!r} is {tensor.dtype}, not floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{name}: tensor {key!r} holds NaN or Inf values; the weights are damaged")
+
+
 def _strip_wrappers(key: str) -> str:
     stripped = True
     while stripped:
@@ -141,8 +153,21 @@ def _rename(key: str, value: Tensor) -> tuple[str, Tensor]:
     return key, value
 
 
+def _hyper(hyper: dict, key: str, default, kind: type, name: str):
+    """A hyperparameter of the expected type (ints also from their float or string form), else CheckpointError."""
+    value = hyper.get(key, default)
+    if kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        try:
+            value = int(value) if float(value).is_integer() else value
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise CheckpointError(f"{name}: hyper_parameters[{key!r}] must be {kind.__name__}, got {value!r:.60}")
+    return value
+
+
 def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> EncoderConfig:
-    pos_type = hyper.get("pos_type", "cut")
+    pos_type = _hyper(hyper, "pos_type", "cut", str, name)
     if pos_type != "cut":
         raise CheckpointError(f"{name}: positional embedding type {pos_type!r} is not supported (only 'cut')")
     for key in ("pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"):
@@ -151,14 +176,15 @@ def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> Encoder
     dim = int(state["pos_embed"].shape[-1])
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     patch_dim = int(state["patch_embed.weight"].shape[1])
-    patch_h, patch_w = int(hyper.get("patch_h", 64)), int(hyper.get("patch_w", 4))
-    n_mels = int(hyper.get("n_mels", hyper.get("spec_h", 64)))
+    patch_h, patch_w = _hyper(hyper, "patch_h", 64, int, name), _hyper(hyper, "patch_w", 4, int, name)
+    n_mels = _hyper(hyper, "n_mels", _hyper(hyper, "spec_h", 64, int, name), int, name)
     if (patch_h, patch_w, n_mels, patch_dim) != (64, 4, 64, 256):
         raise CheckpointError(
             f"{name}: patches of {patch_h} x {patch_w} over {n_mels} mel bins ({patch_dim} inputs per "
             "token) are not supported; ATST models use 64 x 4 patches over 64 mel bins"
         )
-    arch = {"ast": "small"}.get(hyper.get("arch"), hyper.get("arch"))
+    arch = hyper.get("arch") if isinstance(hyper.get("arch"), str) else None
+    arch = {"ast": "small"}.get(arch, arch)
     if isinstance(hyper.get("num_heads"), int):  # written by atst_features.training
         num_heads = hyper["num_heads"]
     elif arch in ENCODER_SIZES and ENCODER_SIZES[arch]["embed_dim"] == dim:
@@ -166,15 +192,18 @@ def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> Encoder
     else:
         num_heads = max(1, dim // 64)  # every official factory uses 64-dimensional heads
     prompts = state.get("prompt_embed")
-    return EncoderConfig(
-        cls_token="cls_token" in state,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_hidden_dim=int(state["blocks.0.mlp.fc1.weight"].shape[0]),
-        max_tokens=int(state["pos_embed"].shape[1]) - 1,
-        n_prompts=0 if prompts is None else int(prompts.shape[1]),
-    )
+    try:
+        return EncoderConfig(
+            cls_token="cls_token" in state,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_hidden_dim=int(state["blocks.0.mlp.fc1.weight"].shape[0]),
+            max_tokens=int(state["pos_embed"].shape[1]) - 1,
+            n_prompts=0 if prompts is None else int(prompts.shape[1]),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{name}: {err}") from None
 
 
 def _expected_state(module_class, *args) -> dict[str, Tensor]:
@@ -222,6 +251,11 @@ def parse_state_dict(
             "state dict with 'pos_embed', 'patch_embed.patch_embed.weight' and 'blocks.N.*'"
         )
     encoder_state = dict(_rename(k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
+    if any(not isinstance(v, Tensor) for v in encoder_state.values()):
+        raise CheckpointError(f"{name}: the encoder state holds values that are not tensors")
+    for key in ("pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight"):
+        if key in encoder_state and encoder_state[key].ndim != {"pos_embed": 3}.get(key, 2):
+            raise CheckpointError(f"{name}: tensor {key!r} has shape {tuple(encoder_state[key].shape)}")
     config = _encoder_config(encoder_state, hyper, name)
     where = f"encoder under {prefix!r}" if prefix else "state dict"
     _check_keys(encoder_state, _expected_state(ATSTEncoder, config), name, where)
@@ -243,7 +277,12 @@ def parse_state_dict(
         num_classes = int(head_state["linear.weight"].shape[0])
         parts = 2 if config.cls_token or config.n_prompts else 1
         _check_keys(head_state, _expected_state(LinearHead, parts * config.embed_dim, num_classes), name, "tagging head")
+    if head_state is not None:
+        check_tensors(head_state, name)
+    check_tensors(encoder_state, name)
     labels = hyper.get("labels") or ()
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+        raise CheckpointError(f"{name}: hyper_parameters['labels'] must be a list of names")
     if labels and len(labels) != num_classes:
         raise CheckpointError(f"{name}: {len(labels)} label names in hyper_parameters for a head of {num_classes} classes")
     model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes, labels=tuple(labels),

@@ -523,7 +523,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
             for item, _ in batch:
                 run.error(item, error)
             return
-        for item, waveform in batch:
+        for _, waveform in batch:
             run.succeeded(len(waveform) / 16000)
         if fmt == "table" and output is None:
             with tqdm.external_write_mode(file=sys.stderr):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import check_field
+
 __all__ = ["ENCODER_SIZES", "EncoderConfig", "EncoderOutput", "ATSTEncoder"]
 
 # width, depth, heads of the official factories (head dimension 64, MLP ratio 4).
@@ -48,6 +50,13 @@ class EncoderConfig:
     drop_path_rate: float = 0.1
 
     def __post_init__(self) -> None:
+        for name, kind, low, high in (
+            ("cls_token", bool, None, None), ("embed_dim", int, 1, 8192), ("depth", int, 1, 64),
+            ("num_heads", int, 1, 256), ("mlp_hidden_dim", int, 1, 65536), ("n_mels", int, 1, 512),
+            ("patch_frames", int, 1, 64), ("max_tokens", int, 1, 10_000), ("n_prompts", int, 0, 64),
+            ("layer_norm_eps", (float, int), 0, 1), ("drop_path_rate", (float, int), 0, 1),
+        ):
+            check_field("EncoderConfig", name, getattr(self, name), kind, low, high)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.cls_token and self.n_prompts:

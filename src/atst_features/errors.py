@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ATSTError",
+    "check_field",
     "AudioDecodeError",
     "CheckpointError",
     "ChecksumError",
@@ -44,3 +45,14 @@ class ChecksumError(ATSTError, ValueError):
 
 class DownloadError(ATSTError, OSError):
     """A model that could not be fetched from the Hub (and is not in the cache)."""
+
+
+def check_field(owner: str, name: str, value, kind: type | tuple, low=None, high=None) -> None:
+    """``ValueError`` unless ``value`` is a ``kind`` (bool is not an int) within ``[low, high]``:
+    architecture values come from untrusted files and size memory, so they are checked first."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{owner}.{name} must be {names}, got {value!r:.60}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{owner}.{name} must be in [{low}, {high}], got {value!r:.60}")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from .errors import check_field
+
 __all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
 
 
@@ -31,6 +33,18 @@ class FrontendConfig:
     top_db: float = 80.0
     db_min: float = -79.6482
     db_max: float = 50.6842
+
+    def __post_init__(self) -> None:
+        number = (float, int)
+        for name, kind, low, high in (
+            ("sample_rate", int, 1000, 768_000), ("n_fft", int, 16, 65536), ("win_length", int, 16, 65536),
+            ("hop_length", int, 1, 65536), ("n_mels", int, 1, 512), ("f_min", number, 0, 384_000),
+            ("f_max", number, 0, 384_000), ("top_db", number, 0, 1000), ("db_min", number, -1e4, 1e4),
+            ("db_max", number, -1e4, 1e4),
+        ):
+            check_field("FrontendConfig", name, getattr(self, name), kind, low, high)
+        if self.win_length > self.n_fft or self.f_min >= self.f_max or self.db_min >= self.db_max:
+            raise ValueError("FrontendConfig needs win_length <= n_fft, f_min < f_max and db_min < db_max")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,8 @@
 """ATSTModel: front end + encoder + pooling, from audio to clip and frame embeddings.
 
 Long audio is cut into windows of the spectrogram that fit the positional table: 1000 frames
-(250 tokens, 10 s) for frame embeddings and ATST-Frame clip embeddings, 601 frames (6 s) for the
-ATST-Clip clip embedding, as its linear evaluation does. Windows of all items are run through the
+(250 tokens, 10 s, for the official models) for frame embeddings and ATST-Frame clip embeddings,
+601 frames (6 s) for the ATST-Clip clip embedding, as its linear evaluation does. Windows of all items are run through the
 encoder together, in padded batches with key-padding masks, so a batch equals one-by-one calls.
 """
 
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .audio import to_waveforms
 from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
+from .errors import check_field
 from .frontend import FrontendConfig, LogMelFrontend
 from .heads import HEAD_TYPES, EventHead, LinearHead, default_labels, weak_pooling
 
@@ -71,6 +72,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """The inverse of :meth:`to_dict`; ``ValueError`` for anything but the expected structure."""
+        if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict) \
+                or not isinstance(data.get("frontend", {}), dict):
+            raise ValueError("the model description must be an object with an 'encoder' object")
+        check_field("ModelConfig", "num_classes", data.get("num_classes", 0), int, 0, 100_000)
+        labels = data.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise ValueError("ModelConfig.labels must be a list of strings")
         return cls(
             kind=data["kind"],
             encoder=EncoderConfig(**data["encoder"]),
@@ -99,8 +108,7 @@ class ATSTModel(nn.Module):
     """
 
     sample_rate = 16000
-    frame_window = 1000  # spectrogram frames per encoder window for frame embeddings (10 s)
-    clip_chunk = 601  # ATST-Clip clip-embedding chunk (6 s), as in the reference linear evaluation
+    reference_clip_chunk = 601  # ATST-Clip clip-embedding chunk (6 s), as in the reference linear evaluation
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -135,6 +143,16 @@ class ATSTModel(nn.Module):
     @property
     def kind(self) -> str:
         return self.config.kind
+
+    @property
+    def frame_window(self) -> int:
+        """Spectrogram frames per encoder window: the positional table (250 tokens: 1000 frames, 10 s)."""
+        return self.config.encoder.max_tokens * self.config.encoder.patch_frames
+
+    @property
+    def clip_chunk(self) -> int:
+        """ATST-Clip clip-embedding chunk: 601 frames (6 s) as the reference, or the window if shorter."""
+        return min(self.reference_clip_chunk, self.frame_window)
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import CheckpointContents, CheckpointError
+from .checkpoints import CheckpointContents, CheckpointError, check_tensors
 
 __all__ = [
     "CONFIG_NAME",
@@ -179,11 +179,13 @@ def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(config_path)!r}: unreadable model config ({err})") from None
-    if config.get("format") != FORMAT_NAME or "model" not in config:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(f"{str(config_path)!r}: unreadable model config ({str(err)[:100]})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME or "model" not in config:
         raise CheckpointError(f"{str(config_path)!r}: not an atst-features model config (no 'format': '{FORMAT_NAME}')")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(config.get("format_version", 0), int):
+        raise CheckpointError(f"{str(config_path)!r}: format_version must be an integer")
+    if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{str(config_path)!r}: format version {config['format_version']} is newer than this atst-features "
             f"reads ({FORMAT_VERSION}); upgrade atst-features"
@@ -201,6 +203,7 @@ def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:
             f"{str(weights_path)!r}: corrupted or truncated weights ({str(err).splitlines()[0]}); "
             "download it again (load_model(..., force_download=True))"
         ) from None
+    check_tensors(state, repr(str(weights_path)))
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")} or None
     _check_weights(state, model_config, weights_path)

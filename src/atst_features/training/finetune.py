@@ -34,7 +34,7 @@ def clip_feature(model: ATSTModel, mel: Tensor, n_frames: Tensor) -> Tensor:
     equal weights."""
     encoder = model.encoder
     cls, patch = encoder.config.cls_token, encoder.config.patch_frames
-    window = ATSTModel.clip_chunk if cls else ATSTModel.frame_window
+    window = model.clip_chunk if cls else model.frame_window
     total = mel.new_zeros(len(mel), model.clip_embedding_size(1), dtype=torch.float32)
     counted = mel.new_zeros(len(mel), dtype=torch.float32)
     for first in range(0, mel.shape[-1], window):

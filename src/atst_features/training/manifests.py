@@ -82,6 +82,11 @@ def _folder(root: Path) -> LabelledSet:
     return LabelledSet(tuple(items), names, multi_label=False)
 
 
+def _cells(row: list[str]):
+    """``cell(column)``: the stripped text of ``row`` at ``column``; "" when absent."""
+    return lambda column: row[column].strip() if column is not None and column < len(row) else ""
+
+
 def read_labelled(source: str | os.PathLike) -> LabelledSet:
     """Read a labelled manifest (CSV/TSV) or a folder of label folders; see the module docstring."""
     source = Path(source)
@@ -109,7 +114,7 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
     items = []
     for number, row in enumerate(rows[1:], start=2):
         where = f"{str(source)!r} line {number}"
-        cell = lambda column: row[column].strip() if column is not None and column < len(row) else ""  # noqa: E731
+        cell = _cells(row)
         if not cell(path_at):
             raise InputError(f"{where}: empty path")
         path = Path(cell(path_at)).expanduser()

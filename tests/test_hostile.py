@@ -1,0 +1,149 @@
+"""Hostile model files: malformed configs and checkpoints fail in one CheckpointError line, early."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atst_features import ATSTError, CheckpointError, load_model
+from atst_features.cli import convert, embed
+from atst_features.encoder import EncoderConfig
+from atst_features.model import ATSTModel, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    encoder = EncoderConfig(cls_token=False, embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64, max_tokens=100)
+    return ATSTModel(ModelConfig("frame", encoder)).save_pretrained(tmp_path_factory.mktemp("hostile") / "model")
+
+
+def altered(folder, tmp_path, change) -> str:
+    """A copy of ``folder`` whose config.json is ``change(config)`` (a dict, or any JSON text)."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    result = change(config)
+    (copy / "config.json").write_text(result if isinstance(result, str) else json.dumps(result))
+    return str(copy)
+
+
+def encoder_value(key, value):
+    def change(config):
+        config["model"]["encoder"][key] = value
+        return config
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: "[1, 2, 3]", "not an atst-features model config"),
+    (lambda c: '"just a string"', "not an atst-features model config"),
+    (lambda c: "[" * 100_000 + "]" * 100_000, "unreadable model config"),
+    (encoder_value("depth", 1_000_000), r"EncoderConfig.depth must be in \[1, 64\], got 1000000"),
+    (encoder_value("depth", 100_000_000), r"EncoderConfig.depth must be in \[1, 64\]"),
+    (encoder_value("embed_dim", 1_000_000_000), r"EncoderConfig.embed_dim must be in \[1, 8192\]"),
+    (encoder_value("num_heads", -4), r"EncoderConfig.num_heads must be in \[1, 256\]"),
+    (encoder_value("n_mels", None), "EncoderConfig.n_mels must be int, got None"),
+    (encoder_value("depth", True), "EncoderConfig.depth must be int, got True"),
+    (encoder_value("max_tokens", [250]), "EncoderConfig.max_tokens must be int"),
+    (lambda c: {**c, "format_version": "1"}, "format_version must be an integer"),
+    (lambda c: {**c, "model": {**c["model"], "labels": "abc"}}, "labels must be a list of strings"),
+])
+def test_malformed_configs_fail_in_one_line_before_allocating(folder, tmp_path, change, message):
+    source = altered(folder, tmp_path, change)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as raised:
+            load_model(source, device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(raised.value) and peak < 64 * 2**20
+
+
+def checkpoint(tmp_path, state: dict, hyper: dict | None = None):
+    path = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": state, **({"hyper_parameters": hyper} if hyper is not None else {})}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_state(frame_small_ckpt):
+    return torch.load(frame_small_ckpt, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("hyper, message", [
+    ({"arch": ["small"], "num_heads": 6}, None),  # an odd arch is ignored: the shapes decide
+    ({"n_mels": None}, r"hyper_parameters\['n_mels'\] must be int, got None"),
+    ({"pos_type": 3}, r"hyper_parameters\['pos_type'\] must be str"),
+    ({"num_heads": -4}, r"EncoderConfig.num_heads must be in \[1, 256\]"),
+    ({"num_heads": 7}, "not divisible by num_heads 7"),
+    ({"labels": {"a": 1}}, r"hyper_parameters\['labels'\] must be a list of names"),
+])
+def test_odd_hyperparameters(tmp_path, official_state, hyper, message):
+    path = checkpoint(tmp_path, official_state, hyper)
+    if message is None:
+        assert load_model(path, device="cpu").depth == 12
+        return
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, device="cpu")
+
+
+def test_absurd_depth_from_key_names(tmp_path, official_state):
+    state = dict(official_state)
+    state["model.teacher.encoder.blocks.999999.norm1.weight"] = torch.ones(384)
+    with pytest.raises(CheckpointError, match=r"EncoderConfig.depth must be in \[1, 64\], got 1000000"):
+        load_model(checkpoint(tmp_path, state), device="cpu")
+
+
+@pytest.mark.parametrize("dtype, value, message", [
+    (torch.bool, True, "is torch.bool, not floating point"),
+    (torch.complex64, 1 + 1j, "is torch.complex64, not floating point"),
+    (torch.float32, float("nan"), "holds NaN or Inf values"),
+    (torch.float32, float("inf"), "holds NaN or Inf values"),
+])
+def test_weights_must_be_finite_floats(tmp_path, official_state, dtype, value, message):
+    state = dict(official_state)
+    key = "model.teacher.encoder.blocks.3.mlp.fc2.bias"
+    state[key] = torch.full_like(state[key], value, dtype=dtype)
+    with pytest.raises(CheckpointError, match="'blocks.3.mlp.fc2.bias' " + message):
+        load_model(checkpoint(tmp_path, state), device="cpu")
+
+
+def test_cli_reports_damaged_weights_in_one_line(tmp_path, official_state):
+    state = dict(official_state)
+    state["model.teacher.encoder.pos_embed"] = state["model.teacher.encoder.pos_embed"].clone()
+    state["model.teacher.encoder.pos_embed"][0, 3, 5] = float("nan")
+    bad = checkpoint(tmp_path, state)
+    audio = tmp_path / "a.wav"
+    import soundfile
+
+    soundfile.write(audio, np.zeros(8000, dtype=np.float32), 16000)
+    for command, args in ((embed, [str(audio), "--model", str(bad)]), (convert, [str(bad), str(tmp_path / "out")])):
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 1 and "holds NaN or Inf values" in result.output and "Traceback" not in result.output
+        assert len([line for line in result.output.splitlines() if "Error" in line]) == 1
+
+
+def test_windows_follow_the_positional_table(folder):
+    model = load_model(folder, device="cpu")  # 100 tokens: 4 s windows
+    assert model.frame_window == 400 and model.clip_chunk == 400
+    audio = np.random.default_rng(0).standard_normal(16000 * 9).astype(np.float32) * 0.1
+    frames, _ = model.get_frame_embeddings(audio)  # 9 s: three windows (a 10 s window would not fit)
+    assert frames.shape == (1, 225, 64) and torch.isfinite(frames).all()
+    clip = model.get_clip_embedding(audio)
+    assert clip.shape == (1, 64) and torch.isfinite(clip).all()
+
+
+def test_every_error_is_in_the_family():
+    from atst_features import AudioDecodeError, ChecksumError, DownloadError, EmptyAudioError, InputError
+
+    for error in (AudioDecodeError, ChecksumError, DownloadError, EmptyAudioError, InputError, CheckpointError):
+        assert issubclass(error, ATSTError)
+    assert issubclass(DownloadError, OSError) and issubclass(CheckpointError, ValueError)
