@@ -147,3 +147,36 @@ def test_every_error_is_in_the_family():
     for error in (AudioDecodeError, ChecksumError, DownloadError, EmptyAudioError, InputError, CheckpointError):
         assert issubclass(error, ATSTError)
     assert issubclass(DownloadError, OSError) and issubclass(CheckpointError, ValueError)
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, folder, monkeypatch):
+    import soundfile
+
+    import atst_features.model
+
+    audio = tmp_path / "a.wav"
+    soundfile.write(audio, np.zeros(16000, dtype=np.float32), 16000)
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("injected")
+
+    monkeypatch.setattr(atst_features.model.ATSTModel, "get_clip_embedding", broken)
+    result = CliRunner().invoke(embed, [str(audio), "--model", str(folder), "-q", "--num-workers", "0"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "KeyError: 'injected'" in result.output
+    assert "this is a bug in atst-features" in result.output
+
+
+def test_unavailable_devices_are_one_line(tmp_path, folder):
+    from atst_features.inputs import InputError
+
+    with pytest.raises(InputError, match="is not a device name"):
+        load_model(folder, device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="'cuda' is not available here"):
+            load_model(folder, device="cuda")
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
+    result = CliRunner().invoke(embed, [str(tmp_path / "a.wav"), "--model", str(folder), "--device", "gpu-please"])
+    assert result.exit_code == 1 and "is not a device name" in result.output and "Traceback" not in result.output

@@ -1,6 +1,15 @@
 """ATST audio representations: clip-level and frame-level embeddings from ATST-Clip, ATST-Frame and ATST-C2F."""
 
-from .errors import ATSTError, AudioDecodeError, CheckpointError, ChecksumError, DownloadError, EmptyAudioError, InputError
+from .errors import (
+    ATSTError,
+    AudioDecodeError,
+    CheckpointError,
+    ChecksumError,
+    DownloadError,
+    EmptyAudioError,
+    InputError,
+    ModelNotFoundError,
+)
 from .hub import PretrainedModel, list_models
 from .loading import load_model
 from .model import ATSTModel
@@ -16,6 +25,7 @@ __all__ = [
     "DownloadError",
     "EmptyAudioError",
     "InputError",
+    "ModelNotFoundError",
     "PretrainedModel",
     "get_clip_embedding",
     "get_frame_embeddings",

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,20 +28,42 @@ from .hub import DEFAULT_MODEL, list_models, push_to_hub, sha256_of
 from .inputs import AudioInput, find_inputs
 from .outputs import FORMATS, FrameStream, output_files, write_outputs
 
-# The library's own errors, and the built-in ones of bad values and unreachable files that other
-# libraries raise for a user's input (torch, soundfile, huggingface_hub).
-EXPECTED_ERRORS = (ATSTError, FileNotFoundError, ValueError, OSError)
+BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your input; please report it "
+              "with the traceback above")
+
+
+def expected_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failure the user can act on: the library's own errors (:class:`ATSTError`),
+    the operating system's (a full disk, a permission) and running out of memory. Anything else is a
+    bug and keeps its traceback."""
+    if isinstance(error, (ATSTError, OSError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
+
+
+def _message(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def one_line_errors(command):
-    """Report the library's expected errors as a single ``Error:`` line (exit code 1)."""
+    """Expected failures become one ``Error:`` line (exit code 1); a bug prints its traceback and
+    asks to be reported (exit code 1)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except EXPECTED_ERRORS as error:
-            raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
+            if expected_failure(error):
+                raise click.ClickException(_message(error)) from None
+            traceback.print_exc()
+            click.echo(BUG_REPORT, err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -73,12 +96,9 @@ def _result_format(output: Path | None, fmt: str | None, overwrite: bool, suffix
 
 def _model_with_head(model_name: str, device: str | None, head_type: str, hint: str):
     """Load a model whose head is of ``head_type``; one ``Error:`` line otherwise."""
-    try:
-        from .loading import load_model
+    from .loading import load_model
 
-        model = load_model(model_name, device=device)
-    except (*EXPECTED_ERRORS, RuntimeError) as error:
-        raise click.ClickException(str(error).splitlines()[0]) from None
+    model = load_model(model_name, device=device)
     if model.head is None or model.config.head_type != head_type:
         raise click.ClickException(f"{model_name!r} has no {hint}")
     return model
@@ -273,7 +293,9 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
             clips = model.get_clip_embedding(waves, **options)
         else:
             frames, stamps = model.get_frame_embeddings(waves, **options)
-    except (*EXPECTED_ERRORS, RuntimeError) as error:  # e.g. out of memory: every file of the batch failed
+    except Exception as error:  # e.g. out of memory: every file of the batch failed
+        if not expected_failure(error):
+            raise
         for item, _ in batch:
             run.error(item, error)
         return
@@ -336,6 +358,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format [default: npz].")
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (default: skip them, so a rerun resumes).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
+@one_line_errors
 def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_size, num_workers, output_dir, output,
           fmt, overwrite, quiet) -> None:
     """Embed audio files with an ATST model.
@@ -377,9 +400,9 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
         from .loading import load_model
 
         model = load_model(model_name, device=device, dtype=getattr(torch, dtype))
-    except (*EXPECTED_ERRORS, RuntimeError) as error:
+    except Exception:
         run.bar.close()
-        raise click.ClickException(str(error).splitlines()[0]) from None
+        raise
     if n_blocks is None:
         n_blocks = model.depth
     if n_blocks > model.depth:
@@ -395,13 +418,17 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
         batch, windows = [], 0
         for item, result in _decoded(todo, num_workers):
             if isinstance(result, BaseException):
+                if not expected_failure(result):
+                    raise result
                 run.error(item, result)
                 continue
             frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
             if level != "clip" and frame_bytes > STREAM_BYTES:
                 try:
                     _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])
-                except (*EXPECTED_ERRORS, RuntimeError) as error:
+                except Exception as error:
+                    if not expected_failure(error):
+                        raise
                     run.error(item, error)
                 else:
                     run.succeeded(len(result) / 16000)
@@ -500,6 +527,7 @@ def _write_rows(rows: list[dict], fmt: str, stream) -> None:
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the results to this .csv or .json file.")
 @_head_command_options
+@one_line_errors
 def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, batch_size, num_workers, quiet) -> None:
     """Tag audio files: the top labels of a model's tagging head, with probabilities.
 
@@ -519,7 +547,9 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     def flush() -> None:
         try:
             new = _tag_rows(model, batch, top_k, per_window, batch_size)
-        except (*EXPECTED_ERRORS, RuntimeError) as error:
+        except Exception as error:
+            if not expected_failure(error):
+                raise
             for item, _ in batch:
                 run.error(item, error)
             return
@@ -532,6 +562,8 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
 
     for item, result in _decoded(items, num_workers):
         if isinstance(result, BaseException):
+            if not expected_failure(result):
+                raise result
             run.error(item, result)
             continue
         batch.append((item, result))
@@ -579,7 +611,7 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
     mel, _ = model.frontend(torch.from_numpy(waveform)[None].to(model.device))
     seconds = len(waveform) / 16000
     labels = list(model.labels)
@@ -618,6 +650,7 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save a PNG per file here: spectrogram, probabilities and events.")
 @_head_command_options
+@one_line_errors
 def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, overwrite,
            device, batch_size, num_workers, quiet) -> None:
     """Detect sound events in audio files with a model that has an event head.
@@ -647,6 +680,8 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     events = []
     for item, result in _decoded(items, num_workers):
         if isinstance(result, BaseException):
+            if not expected_failure(result):
+                raise result
             run.error(item, result)
             continue
         try:
@@ -654,7 +689,9 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
             found = decode(strong[0].cpu().numpy(), filename=str(item.relative))
             if plot_dir is not None:
                 _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
-        except (*EXPECTED_ERRORS, RuntimeError) as error:
+        except Exception as error:
+            if not expected_failure(error):
+                raise
             run.error(item, error)
             continue
         run.succeeded(len(result) / 16000)

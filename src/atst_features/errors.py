@@ -16,6 +16,7 @@ __all__ = [
     "DownloadError",
     "EmptyAudioError",
     "InputError",
+    "ModelNotFoundError",
 ]
 
 
@@ -45,6 +46,10 @@ class ChecksumError(ATSTError, ValueError):
 
 class DownloadError(ATSTError, OSError):
     """A model that could not be fetched from the Hub (and is not in the cache)."""
+
+
+class ModelNotFoundError(ATSTError, FileNotFoundError):
+    """A model source that is neither a file, a folder, a registry name nor a Hub id."""
 
 
 def check_field(owner: str, name: str, value, kind: type | tuple, low=None, high=None) -> None:

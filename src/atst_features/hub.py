@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, InputError
 from .pretrained import ATST_CITATION, CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
@@ -336,7 +336,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise ValueError(f"{str(folder)!r} is not an atst-features model folder (no {CONFIG_NAME} / {WEIGHTS_NAME})")
+        raise InputError(f"{str(folder)!r} is not an atst-features model folder (no {CONFIG_NAME} / {WEIGHTS_NAME})")
     api = HfApi(endpoint=_endpoint())
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(

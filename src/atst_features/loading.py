@@ -8,18 +8,29 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointContents, CheckpointError, read_checkpoint
+from .errors import InputError, ModelNotFoundError
 from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
 from .model import ATSTModel
 from .pretrained import is_pretrained_folder, read_pretrained
 
-__all__ = ["load_model", "model_from_contents", "read_source"]
+__all__ = ["load_model", "model_from_contents", "read_source", "resolve_device"]
 
 # A source with one of these suffixes is a file path, never a Hub id.
 CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available, else CPU); :class:`InputError` for
+    a malformed name or a CUDA device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device {str(device)!r} is not available here ({torch.cuda.device_count()} CUDA devices); use cpu")
+    return device
 
 
 def model_from_contents(contents: CheckpointContents) -> ATSTModel:
@@ -55,11 +66,11 @@ def read_source(
         return _read_local(path), path
     name = str(source)
     if path.suffix in CHECKPOINT_SUFFIXES:
-        raise FileNotFoundError(f"{name!r}: no such checkpoint file")
+        raise ModelNotFoundError(f"{name!r}: no such checkpoint file")
     if name in REGISTRY or looks_like_repo_id(name):
         local = download(name, revision=revision, cache_dir=cache_dir, force_download=force_download)
         return _read_local(local), local
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{name!r} is not a file, a folder, a registry name ({', '.join(REGISTRY)}) or a Hub id (org/name)"
     )
 
@@ -86,7 +97,7 @@ def load_model(
     contents, local = read_source(source, revision=revision, cache_dir=cache_dir, force_download=force_download)
     model = model_from_contents(contents)
     model.provenance["source_file"] = local.name
-    model = model.to(device=torch.device(device) if device is not None else _default_device())
+    model = model.to(device=resolve_device(device))
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
