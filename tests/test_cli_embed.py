@@ -286,3 +286,34 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
         first.write_bytes(b"1")
         second.write_bytes(b"2")
     assert target.read_bytes() == b"1" and not list(tmp_path.glob(".atst-*"))
+
+
+def test_names_that_are_not_utf8(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    write_audio(data / "x.wav", 0.5, 0)
+    latin1 = data / b"caf\xe9.wav".decode("utf-8", "surrogateescape")  # a Latin-1 name on a UTF-8 system
+    os.rename(data / "x.wav", latin1)
+    (data / b"bad\xff.wav".decode("utf-8", "surrogateescape")).write_bytes(b"not audio")
+    result = run(str(data), "-d", str(tmp_path / "out"), model=frame_small_ckpt)
+    assert result.exit_code == 1 and "1 embedded" in result.output and "1 failed" in result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "bad\\udcff.wav': cannot decode (Format not recognised)" in errors[0]
+    assert os.listdir(tmp_path / "out") == [b"caf\xe9.npz".decode("utf-8", "surrogateescape")]
+
+
+def test_two_concurrent_runs_never_show_a_torn_output(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    for index in range(12):
+        write_audio(data / f"{index:02d}.wav", 1.0, index)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt),
+               "--level", "both", "--n-blocks", "2", "--batch-size", "1", "--overwrite", "-q"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    reads = 0
+    while any(p.poll() is None for p in processes):
+        for path in out.glob("*.npz") if out.exists() else []:
+            with np.load(path) as saved:  # a visible output is always whole
+                assert saved["frame"].shape == (25, 768) and saved["clip"].shape == (768,)
+            reads += 1
+    assert [p.wait(timeout=60) for p in processes] == [0, 0], [p.stderr.read() for p in processes]
+    assert reads > 0 and len(list(out.glob("*.npz"))) == 12 and not list(out.glob(".*"))

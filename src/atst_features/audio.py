@@ -87,7 +87,7 @@ def load_audio(
             raise AudioDecodeError(f"{str(path)!r}: no such file")
         if not path.is_file():  # checked before opening: reading a FIFO would block
             raise AudioDecodeError(f"{str(path)!r}: not a regular file (a FIFO, socket or device?)")
-        source = str(path)
+        source = os.fsencode(path)  # bytes: names that are not valid UTF-8 (surrogate-escaped) open too
     else:
         source, path = path, Path(getattr(path, "name", "<audio bytes>"))
     try:

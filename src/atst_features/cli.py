@@ -269,7 +269,7 @@ class _Run:
     def error(self, item: AudioInput, error: BaseException) -> None:
         self.failed += 1
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if str(item.path) not in message:
+        if str(item.path) not in message and repr(str(item.path)) not in message:
             message = f"{str(item.path)!r}: {message}"
         tqdm.write(f"error: {message}", file=sys.stderr)
         self.bar.update()
