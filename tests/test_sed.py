@@ -262,3 +262,10 @@ def test_distillation_teacher_is_frozen_and_every_student_parameter_trains(teach
     # the reference's teacher runs in training mode: only its BatchNorm running statistics move
     assert changed and all(k.startswith("head.norm.") for k in changed)
     assert not torch.equal(student_before, module.model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_event_model_card_shows_detection(event_model, tmp_path):
+    folder = event_model.save_pretrained(tmp_path / "detector")
+    card = (folder / "README.md").read_text()
+    assert "## Sound event detection" in card and "`beep`, `buzz`, `hiss`" in card and "atst-detect" in card
+    assert "## Tagging" not in card

@@ -157,6 +157,19 @@ def _tagging_section(model: dict) -> str:
         return ""
     labels = model.get("labels") or []
     shown = ", ".join(f"`{label}`" for label in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+    if model.get("head_type") == "events":
+        return f"""
+## Sound event detection
+
+An event head of {classes} classes{f" ({shown})" if labels else ""}: per 40 ms token, a sigmoid
+probability per class, and attention-pooled clip-level probabilities:
+
+```python
+strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {classes}], [T] ms, [{classes}] per clip
+```
+
+From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
+"""
     output = "a sigmoid per class (multi-label)" if model.get("multi_label", True) else "a softmax over the classes"
     return f"""
 ## Tagging
