@@ -156,11 +156,8 @@ def _rename(key: str, value: Tensor) -> tuple[str, Tensor]:
 def _hyper(hyper: dict, key: str, default, kind: type, name: str):
     """A hyperparameter of the expected type (ints also from their float or string form), else CheckpointError."""
     value = hyper.get(key, default)
-    if kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
-        try:
-            value = int(value) if float(value).is_integer() else value
-        except ValueError:
-            pass
+    if kind is int and isinstance(value, (str, float)) and re.fullmatch(r"\s*-?\d+(\.0*)?\s*", str(value)):
+        value = int(float(value))  # 64, 64.0 and "64" are 64
     if isinstance(value, bool) or not isinstance(value, kind):
         raise CheckpointError(f"{name}: hyper_parameters[{key!r}] must be {kind.__name__}, got {value!r:.60}")
     return value

@@ -267,12 +267,23 @@ class _Run:
         self.bar.update()
 
     def error(self, item: AudioInput, error: BaseException) -> None:
+        """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
+        if not expected_failure(error):
+            raise error
         self.failed += 1
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = _message(error)
         if str(item.path) not in message and repr(str(item.path)) not in message:
             message = f"{str(item.path)!r}: {message}"
         tqdm.write(f"error: {message}", file=sys.stderr)
         self.bar.update()
+
+    def decoded(self, items: list[AudioInput], workers: int):
+        """``(item, waveform)`` of the files that decode, in order; the others are reported."""
+        for item, result in _decoded(items, workers):
+            if isinstance(result, BaseException):
+                self.error(item, result)
+            else:
+                yield item, result
 
     def summary(self, skipped: int) -> str:
         elapsed = time.perf_counter() - self.started
@@ -294,8 +305,6 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
         else:
             frames, stamps = model.get_frame_embeddings(waves, **options)
     except Exception as error:  # e.g. out of memory: every file of the batch failed
-        if not expected_failure(error):
-            raise
         for item, _ in batch:
             run.error(item, error)
         return
@@ -416,19 +425,12 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         batch, windows = [], 0
-        for item, result in _decoded(todo, num_workers):
-            if isinstance(result, BaseException):
-                if not expected_failure(result):
-                    raise result
-                run.error(item, result)
-                continue
+        for item, result in run.decoded(todo, num_workers):
             frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
             if level != "clip" and frame_bytes > STREAM_BYTES:
                 try:
                     _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])
                 except Exception as error:
-                    if not expected_failure(error):
-                        raise
                     run.error(item, error)
                 else:
                     run.succeeded(len(result) / 16000)
@@ -548,8 +550,6 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
         try:
             new = _tag_rows(model, batch, top_k, per_window, batch_size)
         except Exception as error:
-            if not expected_failure(error):
-                raise
             for item, _ in batch:
                 run.error(item, error)
             return
@@ -560,12 +560,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
                 _print_table(new, per_window)
         rows.extend(new)
 
-    for item, result in _decoded(items, num_workers):
-        if isinstance(result, BaseException):
-            if not expected_failure(result):
-                raise result
-            run.error(item, result)
-            continue
+    for item, result in run.decoded(items, num_workers):
         batch.append((item, result))
         windows += 1 + len(result) // TAG_WINDOW
         if windows >= batch_size:
@@ -678,20 +673,13 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
         plot_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="processed")
     events = []
-    for item, result in _decoded(items, num_workers):
-        if isinstance(result, BaseException):
-            if not expected_failure(result):
-                raise result
-            run.error(item, result)
-            continue
+    for item, result in run.decoded(items, num_workers):
         try:
             strong, _, _ = model.get_event_probabilities(result, hop_seconds=hop, batch_size=batch_size)
             found = decode(strong[0].cpu().numpy(), filename=str(item.relative))
             if plot_dir is not None:
                 _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
         except Exception as error:
-            if not expected_failure(error):
-                raise
             run.error(item, error)
             continue
         run.succeeded(len(result) / 16000)

@@ -21,6 +21,7 @@ and ``random:SOURCE`` (the architecture of SOURCE with fresh random weights, see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -150,8 +151,8 @@ def cached_features(cache: Path | None, source: str, items: list[LabelledItem], 
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
-            pass
+        except Exception:  # noqa: BLE001 - a damaged entry is removed, recomputed and written again
+            path.unlink(missing_ok=True)
     features = compute()
     cache.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -220,13 +221,13 @@ def _default_cache() -> Path:
     return Path(root) / "atst-features" / "embeddings"
 
 
-def _probe(source: str, protocol: str, data, splits: dict, waves: dict, options: dict) -> ProbeResult:
+def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict) -> ProbeResult:
+    """One model's probe; ``waves()`` decodes the clips of every split (once, and only on a cache miss)."""
     started = time.perf_counter()
     items = [item for name in SPLITS for item in splits[name]]
     settings = {key: options[key] for key in ("n_blocks", "seed", "bf16", "crop_seconds")}
-    everything = [w for name in SPLITS for w in waves[name]]
     features = cached_features(options["cache"], source, items, settings, lambda: clip_features(
-        source, everything, n_blocks=options["n_blocks"], device=options["device"],
+        source, [w for name in SPLITS for w in waves()[name]], n_blocks=options["n_blocks"], device=options["device"],
         batch_size=options["batch_size"], seed=options["seed"], bf16=options["bf16"]))
     parts, first = {}, 0
     for name in SPLITS:
@@ -287,7 +288,7 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
         counts = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS if splits[name])
         click.echo(f"{manifest}: {len(data.items)} clips, {len(data.label_names)} classes "
                    f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
-        waves = {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS}
+        waves = functools.cache(lambda: {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS})
         results = [_probe(source, protocol, data, splits, waves, options) for source in models]
     except (ATSTError, FileNotFoundError) as error:
         raise click.ClickException(str(error).splitlines()[0]) from None

@@ -272,42 +272,50 @@ class SoundEventDetection(SupervisedTraining):
         return strong, weak, n_tokens
 
     @staticmethod
-    def _supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak) -> Tensor:
+    def _token_mask(n_tokens: Tensor, width: int) -> Tensor:
+        return torch.arange(width, device=n_tokens.device)[None, :] < n_tokens[:, None]
+
+    def _labelled(self, strong, weak, n_tokens, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The labelled parts of a batch: ``(strong outputs, strong targets)`` over the valid tokens of
+        strongly labelled clips, ``(weak outputs, weak targets)`` of weakly labelled ones."""
+        _, _, strong_targets, is_strong, weak_targets, is_weak = batch
+        width = min(strong.shape[1], strong_targets.shape[1])
+        valid = self._token_mask(n_tokens, width) & is_strong[:, None]
+        return strong[:, :width][valid], strong_targets[:, :width][valid], weak[is_weak], weak_targets[is_weak]
+
+    @staticmethod
+    def _supervised(strong, strong_targets, weak, weak_targets) -> Tensor:
+        """BCE of the strong outputs plus BCE of the weak outputs (each when the batch has some)."""
         loss = strong.new_zeros(())
-        if bool(is_strong.any()):
-            width = min(strong.shape[1], strong_targets.shape[1])
-            valid = (torch.arange(width, device=strong.device)[None, :] < n_tokens[:, None]) & is_strong[:, None]
-            loss = loss + F.binary_cross_entropy(strong[:, :width][valid], strong_targets[:, :width][valid])
-        if bool(is_weak.any()):
-            loss = loss + F.binary_cross_entropy(weak[is_weak], weak_targets[is_weak])
+        for outputs, targets in ((strong, strong_targets), (weak, weak_targets)):
+            if len(outputs):
+                loss = loss + F.binary_cross_entropy(outputs, targets)
         return loss
 
+    def _forward(self, batch):
+        """``(mel, n_frames, strong, weak, n_tokens)`` of a batch through the model."""
+        mel, n_frames = self.spectrograms(batch[0], batch[1])
+        return (mel, n_frames, *self.outputs(self.model, mel, n_frames))
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        waveforms, n_samples, strong_targets, is_strong, weak_targets, is_weak = batch
         lr = self.update_learning_rate()
-        mel, n_frames = self.spectrograms(waveforms, n_samples)
-        strong, weak, n_tokens = self.outputs(self.model, mel, n_frames)
-        loss = self._supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak)
+        mel, n_frames, strong, weak, n_tokens = self._forward(batch)
+        loss = self._supervised(*self._labelled(strong, weak, n_tokens, batch))
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_strong, teacher_weak, _ = self.outputs(self.teacher, mel, n_frames)
-            valid = torch.arange(strong.shape[1], device=strong.device)[None, :] < n_tokens[:, None]
+            valid = self._token_mask(n_tokens, strong.shape[1])
             distill = (F.binary_cross_entropy(strong[valid], teacher_strong[valid])
                        + F.binary_cross_entropy(weak, teacher_weak)) / 2
             loss = 0.5 * loss + 0.5 * distill
-        self.log_dict({"loss": loss, "lr": lr}, prog_bar=True, batch_size=len(waveforms))
+        self.log_dict({"loss": loss, "lr": lr}, prog_bar=True, batch_size=len(batch[0]))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        waveforms, n_samples, strong_targets, is_strong, weak_targets, is_weak = batch
-        mel, n_frames = self.spectrograms(waveforms, n_samples)
-        strong, weak, n_tokens = self.outputs(self.model, mel, n_frames)
-        loss = self._supervised(strong, weak, n_tokens, strong_targets, is_strong, weak_targets, is_weak)
-        self.log("valid_loss", loss, batch_size=len(waveforms), sync_dist=True)
-        width = min(strong.shape[1], strong_targets.shape[1])
-        valid = (torch.arange(width, device=strong.device)[None, :] < n_tokens[:, None]) & is_strong[:, None]
-        self._outputs.append((strong[:, :width][valid].cpu(), strong_targets[:, :width][valid].cpu(),
-                              weak[is_weak].cpu(), weak_targets[is_weak].cpu()))
+        _, _, strong, weak, n_tokens = self._forward(batch)
+        labelled = self._labelled(strong, weak, n_tokens, batch)
+        self.log("valid_loss", self._supervised(*labelled), batch_size=len(batch[0]), sync_dist=True)
+        self._outputs.append(tuple(t.cpu() for t in labelled))
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._outputs = self._outputs, []
