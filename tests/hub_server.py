@@ -29,13 +29,12 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit
 
 
-class FakeHub:
-    """Repositories held in memory; ``commit()`` adds a revision; ``requests`` logs what was asked."""
+class LocalServer:
+    """An HTTP server on a free port of 127.0.0.1 in a daemon thread; ``handler`` builds the request
+    handler class from the server object. Use ``start()``/``stop()`` or ``with``."""
 
-    def __init__(self) -> None:
-        self.repos: dict[str, Repo] = {}
-        self.requests: list[tuple[str, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+    def __init__(self, handler) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -43,13 +42,28 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self):
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FakeHub(LocalServer):
+    """Repositories held in memory; ``commit()`` adds a revision; ``requests`` logs what was asked."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str]] = []
+        super().__init__(_handler)
 
     def commit(self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None) -> str:
         """Add a commit holding exactly ``files`` on ``main`` (and ``tag``); returns its 40-hex id."""

@@ -110,6 +110,9 @@ def test_models_command():
     for name in ["atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base", "atst-frame-base-desed"]:
         assert name in result.output
     assert "atst-frame-mini         frame  mini     1536   1536  (ships in the package)" in result.output
+    assert "atst-frame-base         frame  base     9216   9216  authors' Google Drive" in result.output
+    assert "atst-clip-base          clip   base     9216  18432  authors' Aliyun link" in result.output
+    assert "atst-c2f-base           c2f    base     9216   9216  atst-features/atst-c2f-base" in result.output
     listed = json.loads(CliRunner().invoke(models, ["--json"]).output)
     assert {entry["name"] for entry in listed} >= {"atst-frame-base", "atst-frame-base-desed"}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from atst_features import ATSTError, CheckpointError, load_model
+from atst_features import ATSTError, CheckpointError, load_model, save_pretrained
 from atst_features.cli import convert, embed
 from atst_features.encoder import EncoderConfig
 from atst_features.model import ATSTModel, ModelConfig
@@ -20,7 +20,7 @@ from atst_features.model import ATSTModel, ModelConfig
 def folder(tmp_path_factory):
     torch.manual_seed(0)
     encoder = EncoderConfig(cls_token=False, embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64, max_tokens=100)
-    return ATSTModel(ModelConfig("frame", encoder)).save_pretrained(tmp_path_factory.mktemp("hostile") / "model")
+    return save_pretrained(ATSTModel(ModelConfig("frame", encoder)), tmp_path_factory.mktemp("hostile") / "model")
 
 
 def altered(folder, tmp_path, change) -> str:

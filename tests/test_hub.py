@@ -11,7 +11,7 @@ from conftest import waveform
 from hub_server import FakeHub
 
 import atst_features
-from atst_features import CheckpointError, ChecksumError, DownloadError, list_models, load_model
+from atst_features import CheckpointError, ChecksumError, DownloadError, list_models, load_model, save_pretrained
 from atst_features.encoder import EncoderConfig
 from atst_features.hub import DEFAULT_MODEL, REGISTRY, PretrainedModel, sha256_of
 from atst_features.model import ATSTModel, ModelConfig
@@ -32,7 +32,7 @@ def embeddings(model: ATSTModel) -> torch.Tensor:
 
 
 def folder_files(model: ATSTModel, tmp_path: Path, name: str = "export") -> dict[str, bytes]:
-    folder = model.save_pretrained(tmp_path / name, provenance={"source_file": "test.ckpt"})
+    folder = save_pretrained(model, tmp_path / name, provenance={"source_file": "test.ckpt"})
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
@@ -49,7 +49,7 @@ def hub(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ our folder format
 def test_save_pretrained_folder(frame_small, tmp_path):
-    folder = frame_small.save_pretrained(tmp_path / "atst-frame-small")
+    folder = save_pretrained(frame_small, tmp_path / "atst-frame-small")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "atst-features" and config["format_version"] == 1
@@ -68,7 +68,7 @@ def test_save_pretrained_folder(frame_small, tmp_path):
 
 
 def test_truncated_local_weights(tmp_path):
-    folder = tiny_model(0).save_pretrained(tmp_path / "m")
+    folder = save_pretrained(tiny_model(0), tmp_path / "m")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*corrupted or truncated.*force_download=True") as info:
@@ -77,7 +77,7 @@ def test_truncated_local_weights(tmp_path):
 
 
 def test_config_from_the_future(tmp_path):
-    folder = tiny_model(0).save_pretrained(tmp_path / "m")
+    folder = save_pretrained(tiny_model(0), tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["format_version"] = 99
     (folder / "config.json").write_text(json.dumps(config))
@@ -160,8 +160,8 @@ def test_corrupted_cached_weights_are_refused(hub, tmp_path):
 def test_missing_repository_and_unpublished_registry_model(hub):
     with pytest.raises(DownloadError, match="no Hub repository 'someone/nothing'"):
         load_model("someone/nothing", device="cpu")
-    with pytest.raises(DownloadError, match=r"'atst-frame-base' may not be published yet.*drive\.google\.com.*atst-convert"):
-        load_model(device="cpu")  # the default model
+    with pytest.raises(DownloadError, match=r"'atst-c2f-base' may not be published yet.*github\.com.*atst-convert"):
+        load_model("atst-c2f-base", device="cpu")  # no official download link
 
 
 def test_repository_in_another_format(hub):
@@ -182,7 +182,7 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(hub):
 @pytest.fixture
 def registry_entry(monkeypatch):
     def add(**fields) -> PretrainedModel:
-        base = dict(REGISTRY["atst-frame-base"].__dict__)
+        base = dict(REGISTRY["atst-frame-base"].__dict__, download_url=None)  # Hub only
         base.update(fields)
         entry = PretrainedModel(**base)
         monkeypatch.setitem(REGISTRY, entry.name, entry)

@@ -7,7 +7,7 @@ import pytest
 from conftest import expected, recipe_state_dict
 
 from atst_features.checkpoints import parse_state_dict
-from atst_features.loading import model_from_contents
+from atst_features.checkpoints import build_model
 
 ATOL = 1e-4  # float32 CPU agreement promised by the fixtures
 UP_TO_10S = ["a_2s", "b_hear_batch", "c_10s", "e_10s_plus"]
@@ -131,7 +131,7 @@ def _base_model(fmt: str):
 
     hyper = json.loads((DATA / "formats" / f"{fmt}.json").read_text())["hyper_parameters"]
     state = recipe_state_dict(fmt, only_prefix="model.teacher.encoder.")
-    return model_from_contents(parse_state_dict(state, hyper, name=fmt))
+    return build_model(parse_state_dict(state, hyper, name=fmt))
 
 
 @pytest.mark.slow

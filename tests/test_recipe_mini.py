@@ -76,10 +76,10 @@ def test_refuses_to_write_audio_into_the_repository():
 
 def test_model_card_from_run_records(tmp_path, frame_small_ckpt):
     pytest.importorskip("matplotlib")
-    from atst_features import load_model
+    from atst_features import load_model, save_pretrained
 
     folder = tmp_path / "model"
-    load_model(frame_small_ckpt, device="cpu").save_pretrained(folder, license="cc-by-sa-4.0")
+    save_pretrained(load_model(frame_small_ckpt, device="cpu"), folder, license="cc-by-sa-4.0")
     data = tmp_path / "data"
     data.mkdir()
     (data / "summary.json").write_text(json.dumps({

@@ -14,7 +14,7 @@ import soundfile
 import torch
 from click.testing import CliRunner
 
-from atst_features import load_model
+from atst_features import load_model, save_pretrained
 from atst_features.cli import convert, detect, score
 from atst_features.encoder import EncoderConfig
 from atst_features.events import Event, decode_events, median_filter, read_events, write_events
@@ -224,7 +224,7 @@ def teacher_folder(tmp_path_factory):
     torch.manual_seed(0)
     encoder = EncoderConfig(cls_token=True, embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64)
     model = ATSTModel(ModelConfig("clip", encoder, num_classes=2, labels=("tone", "noise"), multi_label=False))
-    return model.save_pretrained(tmp_path_factory.mktemp("teacher") / "clip")
+    return save_pretrained(model, tmp_path_factory.mktemp("teacher") / "clip")
 
 
 def test_distillation_teacher_is_frozen_and_every_student_parameter_trains(teacher_folder, tmp_path):
@@ -265,7 +265,7 @@ def test_distillation_teacher_is_frozen_and_every_student_parameter_trains(teach
 
 
 def test_event_model_card_shows_detection(event_model, tmp_path):
-    folder = event_model.save_pretrained(tmp_path / "detector")
+    folder = save_pretrained(event_model, tmp_path / "detector")
     card = (folder / "README.md").read_text()
     assert "## Sound event detection" in card and "`beep`, `buzz`, `hiss`" in card and "atst-detect" in card
     assert "## Tagging" not in card

@@ -10,9 +10,11 @@ from .errors import (
     InputError,
     ModelNotFoundError,
 )
-from .hub import PretrainedModel, list_models
+from .convert import convert_checkpoint
+from .hub import PretrainedModel, list_models, push_to_hub
 from .loading import load_model
 from .model import ATSTModel
+from .pretrained import save_pretrained
 
 __version__ = "0.1.0.dev0"
 
@@ -27,10 +29,13 @@ __all__ = [
     "InputError",
     "ModelNotFoundError",
     "PretrainedModel",
+    "convert_checkpoint",
     "get_clip_embedding",
     "get_frame_embeddings",
     "list_models",
     "load_model",
+    "push_to_hub",
+    "save_pretrained",
     "__version__",
 ]
 

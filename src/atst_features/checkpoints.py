@@ -26,9 +26,17 @@ from torch import Tensor
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
 from .errors import CheckpointError
 from .heads import EventHead, LinearHead
-from .model import ModelConfig
+from .model import ATSTModel, ModelConfig
 
-__all__ = ["CheckpointError", "CheckpointContents", "check_tensors", "read_checkpoint", "parse_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointContents",
+    "build_model",
+    "check_state_dict",
+    "check_tensors",
+    "read_checkpoint",
+    "parse_state_dict",
+]
 
 # Known places of the encoder, most specific first: the C2F student must win over the C2F file's
 # ATST-Clip teacher, and a pretraining teacher over its student.
@@ -209,7 +217,8 @@ def _expected_state(module_class, *args) -> dict[str, Tensor]:
         return module_class(*args).state_dict()
 
 
-def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], name: str, where: str) -> None:
+def check_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor], name: str, where: str) -> None:
+    """:class:`CheckpointError` naming ``name`` unless ``state`` has exactly the keys and shapes of ``expected``."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     problems = []
@@ -228,8 +237,8 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], name: str
         problems.append(f"wrong shapes {wrong[:3]}")
     if problems:
         raise CheckpointError(
-            f"{name}: the {where} does not match an ATST encoder: " + "; ".join(problems)
-            + f" (expected {len(expected)} keys such as 'pos_embed', 'patch_embed.weight', 'blocks.0.attn.qkv.weight')"
+            f"{name}: the {where} does not match: " + "; ".join(problems)
+            + f" (expected {len(expected)} keys such as {', '.join(repr(k) for k in list(expected)[:3])})"
         )
 
 
@@ -255,7 +264,7 @@ def parse_state_dict(
             raise CheckpointError(f"{name}: tensor {key!r} has shape {tuple(encoder_state[key].shape)}")
     config = _encoder_config(encoder_state, hyper, name)
     where = f"encoder under {prefix!r}" if prefix else "state dict"
-    _check_keys(encoder_state, _expected_state(ATSTEncoder, config), name, where)
+    check_state_dict(encoder_state, _expected_state(ATSTEncoder, config), name, where)
 
     # A C2F student: the official distillation layout, or one distilled by atst-train distill.
     distilled = prefix == "model.student." or (prefix == "model.encoder." and bool(hyper.get("teacher")))
@@ -267,13 +276,13 @@ def parse_state_dict(
     if head_state is not None and "strong.weight" in head_state:  # atst-train sed
         head_type, num_classes = "events", int(head_state["strong.weight"].shape[0])
         head_norm = "norm.running_mean" in head_state
-        _check_keys(head_state, _expected_state(EventHead, config.embed_dim, num_classes, head_norm), name, "event head")
+        check_state_dict(head_state, _expected_state(EventHead, config.embed_dim, num_classes, head_norm), name, "event head")
     elif head_state is not None:
         if "linear.weight" not in head_state:
             raise CheckpointError(f"{name}: the tagging head under {head_prefix!r} has no 'linear.weight'")
         num_classes = int(head_state["linear.weight"].shape[0])
         parts = 2 if config.cls_token or config.n_prompts else 1
-        _check_keys(head_state, _expected_state(LinearHead, parts * config.embed_dim, num_classes), name, "tagging head")
+        check_state_dict(head_state, _expected_state(LinearHead, parts * config.embed_dim, num_classes), name, "tagging head")
     if head_state is not None:
         check_tensors(head_state, name)
     check_tensors(encoder_state, name)
@@ -302,3 +311,15 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
             "encoder state dict"
         )
     return parse_state_dict(state, _hyper_parameters(container), name=repr(str(path)))
+
+
+def build_model(contents: CheckpointContents) -> ATSTModel:
+    """The model of parsed checkpoint contents (float32, CPU, eval mode)."""
+    with torch.device("meta"):
+        model = ATSTModel(contents.config)
+    as_float = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    model.encoder.load_state_dict(as_float(contents.encoder_state), strict=True, assign=True)
+    if model.head is not None:
+        model.head.load_state_dict(as_float(contents.head_state), strict=True, assign=True)
+    model.provenance = {"source_layout": contents.layout, "hyper_parameters": contents.hyper_parameters}
+    return model.eval()

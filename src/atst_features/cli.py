@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import numpy as np
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from .audio import load_audio
 from .errors import ATSTError, InputError
-from .hub import DEFAULT_MODEL, list_models, push_to_hub, sha256_of
+from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
 from .outputs import FORMATS, FrameStream, output_files, write_outputs
 
@@ -104,27 +103,6 @@ def _model_with_head(model_name: str, device: str | None, head_type: str, hint: 
     return model
 
 
-def _probe_audio() -> np.ndarray:
-    """12 s of chirp and noise: two 10 s windows, two ATST-Clip chunks, exercises every path."""
-    rate = 16_000
-    t = np.arange(12 * rate) / rate
-    noise = np.random.default_rng(0).standard_normal(t.size)
-    return (0.3 * np.sin(2 * np.pi * (100 + 300 * t) * t) + 0.05 * noise).astype(np.float32)
-
-
-def _same_outputs(a, b) -> bool:
-    audio = _probe_audio()
-    checks = [
-        (a.get_frame_embeddings(audio, n_blocks=a.depth)[0], b.get_frame_embeddings(audio, n_blocks=b.depth)[0]),
-        (a.get_clip_embedding(audio, n_blocks=a.depth), b.get_clip_embedding(audio, n_blocks=b.depth)),
-    ]
-    if a.config.head_type == "events" and a.head is not None:
-        checks.append((a.get_event_probabilities(audio)[0][0], b.get_event_probabilities(audio)[0][0]))
-    elif a.head is not None:
-        checks.append((a.get_tag_logits(audio), b.get_tag_logits(audio)))
-    return all(torch.equal(x, y) for x, y in checks)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -141,44 +119,21 @@ def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, lic
     model.safetensors (inference weights only) and a model card. The converted model's
     embeddings are checked to equal the source's before success is reported.
     """
-    from .loading import load_model, model_from_contents
-    from .checkpoints import read_checkpoint
+    from .convert import convert_checkpoint
 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise click.UsageError(f"{str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
-    source_sha = sha256_of(source)
-    source_bytes = source.stat().st_size
-    contents = read_checkpoint(source)
-    enc = contents.config.encoder
-    click.echo(f"source  {source} ({source_bytes:,} bytes)")
-    click.echo(f"  sha256 {source_sha}")
-    click.echo(f"  {contents.layout}: {enc.embed_dim} wide, {enc.depth} blocks, {enc.n_prompts} prompt tokens")
-    original = model_from_contents(contents)
-    provenance = {
-        "source_file": source.name,
-        "source_sha256": source_sha,
-        "source_layout": contents.layout,
-        "hyper_parameters": contents.hyper_parameters,
-    }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        original.save_pretrained(staging, provenance=provenance, license=license_)
-        if not _same_outputs(original, load_model(staging, device="cpu")):
-            raise click.ClickException("the converted model's embeddings differ from the source's; nothing written")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    weights = out_dir / "model.safetensors"
-    size = weights.stat().st_size
-    click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({size:,} bytes, {size / source_bytes:.0%} of the source), README.md")
-    click.echo(f"  sha256 {sha256_of(weights)} (model.safetensors)")
-    head = "event probabilities" if original.config.head_type == "events" else "tag logits"
-    what = "frame and clip embeddings" + (f" and {head} ({len(original.labels)} classes)" if original.head is not None else "")
-    click.echo(f"verified: {what} of the converted model equal the source's")
+    click.echo(f"source  {source} ({source.stat().st_size:,} bytes)")
+    done = convert_checkpoint(source, out_dir, license=license_, overwrite=overwrite)
+    enc = done.model.config.encoder
+    click.echo(f"  sha256 {done.source_sha256}")
+    click.echo(f"  {done.layout}: {enc.embed_dim} wide, {enc.depth} blocks, {enc.n_prompts} prompt tokens")
+    click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({done.weights_bytes:,} bytes, "
+               f"{done.weights_bytes / done.source_bytes:.0%} of the source), README.md")
+    click.echo(f"  sha256 {done.weights_sha256} (model.safetensors)")
+    head = "event probabilities" if done.model.config.head_type == "events" else "tag logits"
+    extra = f" and {head} ({len(done.model.labels)} classes)" if done.model.head is not None else ""
+    click.echo(f"verified: frame and clip embeddings{extra} of the converted model equal the source's")
     if repo_id:
         commit = push_to_hub(out_dir, repo_id, private=private)
         click.echo(f"pushed  {repo_id} (commit {commit})")
@@ -192,16 +147,23 @@ def models(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
         return
-    header = f"{'name':<23} {'kind':<6} {'size':<6} {'frame':>6} {'clip':>6}  {'Hub repository':<32} licence"
+    header = f"{'name':<23} {'kind':<6} {'size':<6} {'frame':>6} {'clip':>6}  {'comes from':<32} licence"
     click.echo(header)
     click.echo("-" * len(header))
     for entry in entries:
-        where = "(ships in the package)" if entry.packaged else entry.repo_id
+        if entry.packaged:
+            where = "(ships in the package)"
+        elif entry.download_url and not entry.published:
+            host = urlsplit(entry.download_url).hostname or ""
+            where = "authors' " + ("Google Drive" if host.endswith("google.com") else "Aliyun link" if "aliyun" in host else host)
+        else:
+            where = entry.repo_id
         click.echo(
             f"{entry.name:<23} {entry.kind:<6} {entry.size:<6} {entry.frame_embedding_size():>6} "
             f"{entry.clip_embedding_size():>6}  {where:<32} {entry.license}"
         )
     click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
+    click.echo("authors' ...: downloaded from the authors' host and converted once, on first use; then cached.")
 
 
 # ---------------------------------------------------------------------------------------------- atst-embed
@@ -399,24 +361,19 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
             owners[path] = item
     todo = [item for item in items if overwrite or not all(p.exists() for p in output_files(bases[item], fmt, keys))]
     skipped = len(items) - len(todo)
+    if todo:  # before the progress bar, which a first download's own bar would interleave with
+        from .loading import load_model
+
+        model = load_model(model_name, device=device, dtype=getattr(torch, dtype))
+        n_blocks = n_blocks or model.depth
+        if n_blocks > model.depth:
+            raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
     run = _Run(len(todo), quiet)
     if not todo:
         run.bar.close()
         if not quiet:
             click.echo(run.summary(skipped), err=True)
         return
-    try:
-        from .loading import load_model
-
-        model = load_model(model_name, device=device, dtype=getattr(torch, dtype))
-    except Exception:
-        run.bar.close()
-        raise
-    if n_blocks is None:
-        n_blocks = model.depth
-    if n_blocks > model.depth:
-        run.bar.close()
-        raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
     metadata = {"model": str(model_name), "n_blocks": n_blocks}
 
     def write(item, arrays, frames) -> None:

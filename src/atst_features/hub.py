@@ -37,6 +37,7 @@ __all__ = [
 HUB_ORGANISATION = "atst-features"
 DEFAULT_MODEL = "atst-frame-base"
 OFFLINE_MODEL = "atst-frame-mini"  # ships in the package: works with no network
+PACKAGED_HINT = f"{OFFLINE_MODEL!r} ships inside the package and needs no download"
 PACKAGED_MODELS = Path(__file__).parent / "models"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -56,7 +57,9 @@ ATST_SED_CITATION = """@inproceedings{shao2024atstsed,
 class PretrainedModel:
     """One registry entry. ``filename`` is ``model.safetensors`` for repositories in our format,
     or the checkpoint file of a third-party repository; ``revision`` None means the default branch;
-    ``packaged``: the model folder ships inside this package (``atst_features/models/<name>``)."""
+    ``packaged``: the model folder ships inside this package (``atst_features/models/<name>``);
+    ``download_url``: the authors' own file, downloaded and converted while the entry is not
+    ``published`` on the Hub (see :mod:`atst_features.official`)."""
 
     name: str
     kind: str
@@ -73,6 +76,12 @@ class PretrainedModel:
     description: str
     citation: str = ATST_CITATION
     packaged: bool = False
+    download_url: str | None = None
+
+    @property
+    def published(self) -> bool:
+        """On the Hub in our format, pinned to a commit (else the official download is used, if any)."""
+        return self.revision is not None
 
     def frame_embedding_size(self, n_blocks: int | None = None) -> int:
         """``n_blocks`` (default: all) times the width."""
@@ -86,7 +95,7 @@ class PretrainedModel:
         return self.filename == WEIGHTS_NAME
 
 
-def _official(name: str, kind: str, size: str, source_url: str, description: str) -> PretrainedModel:
+def _official(name: str, kind: str, size: str, source_url: str, description: str, download_url: str | None = None) -> PretrainedModel:
     dim = {"small": 384, "base": 768}[size]
     return PretrainedModel(
         name=name,
@@ -102,6 +111,7 @@ def _official(name: str, kind: str, size: str, source_url: str, description: str
         license="cc-by-4.0",
         source_url=source_url,
         description=description,
+        download_url=download_url,
     )
 
 
@@ -114,6 +124,7 @@ REGISTRY: dict[str, PretrainedModel] = {
             "small",
             "https://checkpointstorage.oss-cn-beijing.aliyuncs.com/atst/small.ckpt",
             "ATST-Clip small, self-supervised on AudioSet",
+            download_url="https://checkpointstorage.oss-cn-beijing.aliyuncs.com/atst/small.ckpt",
         ),
         _official(
             "atst-clip-base",
@@ -121,6 +132,7 @@ REGISTRY: dict[str, PretrainedModel] = {
             "base",
             "https://checkpointstorage.oss-cn-beijing.aliyuncs.com/atst/base.ckpt",
             "ATST-Clip base, self-supervised on AudioSet",
+            download_url="https://checkpointstorage.oss-cn-beijing.aliyuncs.com/atst/base.ckpt",
         ),
         _official(
             "atst-frame-small",
@@ -128,6 +140,7 @@ REGISTRY: dict[str, PretrainedModel] = {
             "small",
             "https://drive.google.com/file/d/1xZoOTuxV415icYONYbeFQzgrmJQf4a4B/view?usp=sharing",
             "ATST-Frame small, self-supervised on AudioSet",
+            download_url="https://drive.google.com/uc?export=download&id=1xZoOTuxV415icYONYbeFQzgrmJQf4a4B",
         ),
         _official(
             "atst-frame-base",
@@ -135,6 +148,7 @@ REGISTRY: dict[str, PretrainedModel] = {
             "base",
             "https://drive.google.com/file/d/1bGJSZWlAIIJ6GL5Id5dW0PTB72DL-QDQ/view?usp=sharing",
             "ATST-Frame base, self-supervised on AudioSet (the default model)",
+            download_url="https://drive.google.com/uc?export=download&id=1bGJSZWlAIIJ6GL5Id5dW0PTB72DL-QDQ",
         ),
         _official(
             "atst-c2f-base",
@@ -198,7 +212,7 @@ def sha256_of(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _cache_dir(cache_dir: str | os.PathLike | None) -> str:
+def cache_dir_of(cache_dir: str | os.PathLike | None) -> str:
     """The Hub cache, from the argument or the environment as it is now."""
     if cache_dir is not None:
         return str(cache_dir)
@@ -210,7 +224,7 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> str:
     return os.path.join(home, "hub")
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
 
 
@@ -218,7 +232,7 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def _verify(path: Path, expected: str | None, what: str,
+def verify_sha256(path: Path, expected: str | None, what: str,
             fix: str = "download it again with load_model(..., force_download=True)") -> None:
     """Check a downloaded file against an expected sha256 (the registry's, or the Hub's LFS hash,
     which names the cached blob)."""
@@ -258,9 +272,9 @@ def download(
     filename = entry.filename if entry else WEIGHTS_NAME
     options = dict(
         revision=revision,
-        cache_dir=_cache_dir(cache_dir),
+        cache_dir=cache_dir_of(cache_dir),
         force_download=force_download,
-        local_files_only=_offline(),
+        local_files_only=offline(),
         endpoint=_endpoint(),
         library_name="atst-features",
     )
@@ -272,10 +286,10 @@ def download(
                 raise DownloadError(
                     f"{repo_id!r} has no {CONFIG_NAME} and {WEIGHTS_NAME}: it is not an atst-features model repository"
                 )
-            _verify(weights, entry.sha256 if entry else None, f"{repo_id} at {revision or 'main'}")
+            verify_sha256(weights, entry.sha256 if entry else None, f"{repo_id} at {revision or 'main'}")
             return folder
         path = Path(hf_hub_download(repo_id, filename, **options))
-        _verify(path, entry.sha256 if entry else None, f"{repo_id} at {revision or 'main'}")
+        verify_sha256(path, entry.sha256 if entry else None, f"{repo_id} at {revision or 'main'}")
         return path
 
 
@@ -286,7 +300,7 @@ def packaged_folder(entry: PretrainedModel) -> Path:
     if not weights.is_file() or not (folder / CONFIG_NAME).is_file():
         raise DownloadError(f"{entry.name!r} should ship in the package at {str(folder)!r}, but its files are missing: "
                             "reinstall atst-features")
-    _verify(weights, entry.sha256, f"{entry.name}, packaged with atst-features", fix="reinstall atst-features")
+    verify_sha256(weights, entry.sha256, f"{entry.name}, packaged with atst-features", fix="reinstall atst-features")
     return folder
 
 
@@ -306,12 +320,12 @@ def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry
     try:
         yield
     except (LocalEntryNotFoundError, ConnectionError, TimeoutError):
-        reason = "offline mode (HF_HUB_OFFLINE) is on" if _offline() else f"cannot reach {endpoint}"
+        reason = "offline mode (HF_HUB_OFFLINE) is on" if offline() else f"cannot reach {endpoint}"
         raise DownloadError(
-            f"cannot download {where}: {reason} and it is not in the cache {_cache_dir(None)!r}; to work "
+            f"cannot download {where}: {reason} and it is not in the cache {cache_dir_of(None)!r}; to work "
             "offline, load a model downloaded before (it is used from the cache, also with HF_HUB_OFFLINE=1), "
             "a local folder (load_model('path/to/folder')) or an official checkpoint file "
-            f"(load_model('atstframe_base.ckpt')); {OFFLINE_MODEL!r} ships inside the package and needs no download"
+            f"(load_model('atstframe_base.ckpt')); {PACKAGED_HINT}"
         ) from None
     except GatedRepoError:
         raise DownloadError(f"{where} is gated or private: log in (huggingface-cli login) or set HF_TOKEN") from None
@@ -322,8 +336,7 @@ def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry
         if entry is not None and entry.in_our_format:
             message += (
                 f"; {source!r} may not be published yet: download the official checkpoint "
-                f"({entry.source_url}) and load the file, or convert it with atst-convert; "
-                f"{OFFLINE_MODEL!r} ships inside the package and needs no download"
+                f"({entry.source_url}) and load the file, or convert it with atst-convert; {PACKAGED_HINT}"
             )
         raise DownloadError(message) from None
     except EntryNotFoundError:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointContents, CheckpointError, read_checkpoint
+from .checkpoints import CheckpointContents, CheckpointError, build_model, read_checkpoint
 from .errors import InputError, ModelNotFoundError
 from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
 from .model import ATSTModel
+from .official import fetch_official
 from .pretrained import is_pretrained_folder, read_pretrained
 
-__all__ = ["load_model", "model_from_contents", "read_source", "resolve_device"]
+__all__ = ["load_model", "read_source", "resolve_device"]
 
 # A source with one of these suffixes is a file path, never a Hub id.
 CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
@@ -31,18 +32,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise InputError(f"device {str(device)!r} is not available here ({torch.cuda.device_count()} CUDA devices); use cpu")
     return device
-
-
-def model_from_contents(contents: CheckpointContents) -> ATSTModel:
-    """Build the model of parsed checkpoint contents (float32, CPU, eval mode)."""
-    with torch.device("meta"):
-        model = ATSTModel(contents.config)
-    as_float = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
-    model.encoder.load_state_dict(as_float(contents.encoder_state), strict=True, assign=True)
-    if model.head is not None:
-        model.head.load_state_dict(as_float(contents.head_state), strict=True, assign=True)
-    model.provenance = {"source_layout": contents.layout, "hyper_parameters": contents.hyper_parameters}
-    return model.eval()
 
 
 def _read_local(path: Path) -> CheckpointContents:
@@ -67,7 +56,11 @@ def read_source(
     name = str(source)
     if path.suffix in CHECKPOINT_SUFFIXES:
         raise ModelNotFoundError(f"{name!r}: no such checkpoint file")
-    if name in REGISTRY or looks_like_repo_id(name):
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.download_url and not entry.published and revision is None:
+        local = fetch_official(entry, cache_dir=cache_dir, force_download=force_download)
+        return _read_local(local), local
+    if entry is not None or looks_like_repo_id(name):
         local = download(name, revision=revision, cache_dir=cache_dir, force_download=force_download)
         return _read_local(local), local
     raise ModelNotFoundError(
@@ -86,8 +79,9 @@ def load_model(
 ) -> ATSTModel:
     """Load an ATST model for inference, in eval mode.
 
-    ``source``: a registry name (see :func:`list_models`; default ``"atst-frame-base"``), a Hub
-    repository id in our format (``"org/name"``), a local folder in our format, or a checkpoint file
+    ``source``: a registry name (see :func:`list_models`; default ``"atst-frame-base"``; an official
+    model not yet on the Hub is downloaded from the authors' link and converted once, see
+    :mod:`atst_features.official`), a Hub repository id in our format (``"org/name"``), a local folder in our format, or a checkpoint file
     (official ATST-Frame / ATST-Clip Lightning checkpoint, C2F distillation checkpoint, fine-tuned,
     ATST-SED or bare encoder state dict). ``revision``: a Hub branch, tag or commit to pin.
     ``cache_dir``: the Hub cache (default from ``HF_HUB_CACHE`` / ``HF_HOME``). ``force_download``:
@@ -95,7 +89,7 @@ def load_model(
     ``torch.bfloat16`` for the encoder (the front end always computes in float32).
     """
     contents, local = read_source(source, revision=revision, cache_dir=cache_dir, force_download=force_download)
-    model = model_from_contents(contents)
+    model = build_model(contents)
     model.provenance["source_file"] = local.name
     model = model.to(device=resolve_device(device))
     if dtype is not None:

@@ -120,24 +120,7 @@ class ATSTModel(nn.Module):
             self.head = EventHead(self.embed_dim, config.num_classes, norm=config.head_norm)
         elif config.num_classes:
             self.head = LinearHead(self.clip_embedding_size(1), config.num_classes)
-        self.provenance: dict = {}  # where the weights came from; written by save_pretrained
-
-    def save_pretrained(self, directory, *, provenance: dict | None = None, license: str = "cc-by-4.0"):
-        """Write this model as a folder in the atst-features format (config.json, model.safetensors,
-        README.md model card); ``load_model(directory)`` reads it back. Returns the folder path."""
-        from .pretrained import save_pretrained
-
-        return save_pretrained(self, directory, provenance=provenance or self.provenance, license=license)
-
-    def push_to_hub(self, repo_id: str, *, private: bool = False, license: str = "cc-by-4.0") -> str:
-        """Save this model and upload it to a Hugging Face Hub repository; returns the commit id."""
-        import tempfile
-
-        from .hub import push_to_hub
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, license=license)
-            return push_to_hub(folder, repo_id, private=private)
+        self.provenance: dict = {}  # where the weights came from; pretrained.save_pretrained writes it
 
     # ---------------------------------------------------------------- sizes
     @property

@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import CheckpointContents, CheckpointError, check_tensors
+from .checkpoints import CheckpointContents, CheckpointError, check_state_dict, check_tensors
+from .model import ATSTModel, ModelConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -53,18 +54,19 @@ def is_pretrained_folder(path: str | os.PathLike) -> bool:
 
 
 def save_pretrained(
-    model, directory: str | os.PathLike, *, provenance: dict | None = None, license: str = DEFAULT_LICENSE
+    model: ATSTModel, directory: str | os.PathLike, *, provenance: dict | None = None, license: str = DEFAULT_LICENSE
 ) -> Path:
-    """Write ``model`` (an :class:`~atst_features.ATSTModel`) as a folder in our format; returns the folder.
+    """Write ``model`` as a folder in our format (``config.json``, ``model.safetensors``, model card
+    ``README.md``); ``load_model(directory)`` reads it back. Returns the folder.
 
-    ``provenance``: where the weights come from (e.g. ``source_file``, ``source_sha256``); stored
-    in ``config.json`` together with the package version.
+    ``provenance``: where the weights come from (e.g. ``source_file``, ``source_sha256``; default:
+    ``model.provenance``); stored in ``config.json`` together with the package version.
     """
     from . import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    provenance = dict(provenance or {}, atst_features_version=__version__)
+    provenance = dict(provenance or model.provenance, atst_features_version=__version__)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -186,8 +188,6 @@ From the shell: `atst-tag audio.wav --model path/to/this/folder -k 5`.
 
 def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:
     """Read a folder in our format; raises :class:`CheckpointError` naming the bad file."""
-    from .model import ModelConfig
-
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     try:
@@ -229,16 +229,7 @@ def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:
     )
 
 
-def _check_weights(state: dict[str, torch.Tensor], config, path: Path) -> None:
-    from .model import ATSTModel
-
+def _check_weights(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
     with torch.device("meta"):
         expected = ATSTModel(config).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{str(path)!r}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"wrong shapes {wrong[:3]})"
-        )
+    check_state_dict(state, expected, repr(str(path)), "weights (of the model config.json describes)")

@@ -1,0 +1,246 @@
+"""The authors' own downloads (Aliyun direct links, Google Drive) for registry models not yet on the Hub.
+
+:func:`fetch_official` downloads the official checkpoint once (progress bar, resumed after an
+interruption, Google Drive's "can't scan this file for viruses" page confirmed), converts it to our
+folder format, checks the converted model's outputs against the checkpoint's, records the sha256
+of both files and deletes the checkpoint. Every later load verifies the converted weights against
+that record and makes no request (also offline). The cache sits beside the Hub cache::
+
+    <Hub cache>/../atst-features-official/<name>/download.json   url, file name, sizes, sha256s, date
+    <Hub cache>/../atst-features-official/<name>/model/          config.json, model.safetensors, README.md
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from http.client import HTTPException
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+from filelock import FileLock
+from tqdm import tqdm
+
+from .convert import convert_checkpoint
+from .errors import ChecksumError, DownloadError
+from .hub import PACKAGED_HINT, PretrainedModel, cache_dir_of, offline, sha256_of, verify_sha256
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ["fetch_official", "official_folder"]
+
+RECORD_NAME = "download.json"
+MODEL_FOLDER = "model"
+PARTIAL_NAME = "checkpoint.partial"
+CHUNK_BYTES = 1 << 20
+MAX_BYTES = 8 << 30  # no ATST checkpoint is near this; a server sending more is refused
+MAX_PAGE_BYTES = 1 << 20  # an HTML page (Drive's confirmation) is read up to this size
+ATTEMPTS = 4  # per call; each one resumes where the previous stopped
+TIMEOUT_S = 60
+
+
+def official_folder(entry: PretrainedModel, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the converted official model of ``entry`` lives (beside the Hub cache)."""
+    return Path(cache_dir_of(cache_dir)).parent / "atst-features-official" / entry.name
+
+
+def fetch_official(
+    entry: PretrainedModel, *, cache_dir: str | os.PathLike | None = None, force_download: bool = False
+) -> Path:
+    """The model folder of ``entry``, converted from its official download (see the module docstring).
+
+    ``force_download``: download and convert again; a file that differs from the first download's
+    sha256 is refused (:class:`ChecksumError`). Offline (``HF_HUB_OFFLINE=1``) only the cache is used.
+    """
+    if not entry.download_url:
+        raise DownloadError(f"{entry.name!r} has no official download URL")
+    home = official_folder(entry, cache_dir)
+    if not force_download and _cached(home):
+        return _verified(home)
+    if offline():
+        raise DownloadError(
+            f"cannot download {entry.name!r}: offline mode (HF_HUB_OFFLINE) is on and it is not in the cache "
+            f"{str(home)!r}; run once online, or load a checkpoint file or folder; {PACKAGED_HINT}"
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".lock")):
+        if not force_download and _cached(home):  # another process finished it while we waited
+            return _verified(home)
+        checkpoint, file_name = _download(entry.download_url, home, entry.name)
+        return _convert(entry, home, checkpoint, file_name)
+
+
+def _cached(home: Path) -> bool:
+    return (home / RECORD_NAME).is_file() and (home / MODEL_FOLDER / CONFIG_NAME).is_file()
+
+
+def _record(home: Path) -> dict:
+    try:
+        record = json.loads((home / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise ChecksumError(f"{str(home / RECORD_NAME)!r} is unreadable; delete {str(home)!r} to download again")
+    return record
+
+
+def _verified(home: Path) -> Path:
+    """The cached model folder, after checking its weights against the sha256 recorded at download."""
+    folder = home / MODEL_FOLDER
+    verify_sha256(folder / WEIGHTS_NAME, _record(home).get("weights_sha256"), "converted official download",
+                  fix="download it again with load_model(..., force_download=True)")
+    return folder
+
+
+def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: str) -> Path:
+    source_sha256 = sha256_of(checkpoint)
+    previous = _record(home) if (home / RECORD_NAME).is_file() else {}
+    if previous.get("source_sha256") not in (None, source_sha256):
+        checkpoint.unlink()
+        raise ChecksumError(
+            f"{entry.download_url}: sha256 {source_sha256} differs from the first download's "
+            f"{previous['source_sha256']} (recorded in {str(home / RECORD_NAME)!r}): the file was replaced or altered "
+            f"on its way; not used. If you trust the new file, delete {str(home)!r} and load again"
+        )
+    named = checkpoint.with_name(file_name)
+    checkpoint.rename(named)
+    try:
+        done = convert_checkpoint(named, home / MODEL_FOLDER, license=entry.license, overwrite=True,
+                                  provenance={"source_url": entry.download_url, "registry_name": entry.name})
+    finally:
+        named.unlink(missing_ok=True)
+    if done.model.kind != entry.kind:
+        shutil.rmtree(done.folder)
+        raise DownloadError(
+            f"{entry.download_url}: holds an ATST-{done.model.kind} model, not the {entry.kind} model {entry.name!r} "
+            "names; not used (please report it)"
+        )
+    record = {
+        "name": entry.name,
+        "url": entry.download_url,
+        "source_file": file_name,
+        "source_bytes": done.source_bytes,
+        "source_sha256": source_sha256,
+        "weights_sha256": done.weights_sha256,
+        "downloaded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    staging = home / f".{RECORD_NAME}.{os.getpid()}"
+    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    staging.replace(home / RECORD_NAME)
+    return done.folder
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+def _download(url: str, home: Path, name: str) -> tuple[Path, str]:
+    """Fetch ``url`` into ``home/checkpoint.partial`` (resuming what an earlier attempt left);
+    returns the complete file and the server's name for it."""
+    partial = home / PARTIAL_NAME
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return partial, _fetch_once(opener, url, partial, name)
+        except DownloadError:
+            raise
+        except (urllib.error.URLError, HTTPException, OSError) as err:
+            if isinstance(err, urllib.error.HTTPError) and err.code < 500 and err.code not in (408, 429):
+                raise DownloadError(f"cannot download {name!r} from {url}: HTTP {err.code} {err.reason}") from None
+            if attempt == ATTEMPTS:
+                kept = partial.stat().st_size if partial.exists() else 0
+                raise DownloadError(
+                    f"cannot download {name!r} from {url}: {_reason(err)}; {kept:,} bytes are kept in {str(partial)!r} "
+                    f"and the next attempt resumes from there; {PACKAGED_HINT}"
+                ) from None
+            time.sleep(min(2.0 * attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "reason", None) or err
+    return str(reason).splitlines()[0][:200] or type(err).__name__
+
+
+def _fetch_once(opener, url: str, partial: Path, name: str) -> str:
+    """One attempt: follow Drive's confirmation pages, then stream the file to ``partial``."""
+    for _ in range(3):  # the file, or a confirmation page leading to it
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"User-Agent": "atst-features", **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            response = opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as err:
+            if err.code != 416 or not have:  # 416: the partial file is not a prefix of this one
+                raise
+            partial.unlink()
+            continue
+        with response:
+            if response.headers.get_content_type() == "text/html":
+                url = _confirmation_url(response.read(MAX_PAGE_BYTES).decode("utf-8", "replace"), response.url, url)
+                continue
+            resumed = response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+            _stream(response, partial, have if resumed else 0, name)
+            return _file_name(response, url)
+    raise DownloadError(f"cannot download {name!r} from {url}: too many confirmation pages")
+
+
+def _stream(response, partial: Path, start: int, name: str) -> None:
+    length = response.headers.get("Content-Length")
+    expected = start + int(length) if length and length.isdigit() else None
+    with open(partial, "r+b" if start else "wb") as out, tqdm(
+        total=expected, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None
+    ) as bar:
+        out.seek(start)
+        out.truncate()
+        received = start
+        while chunk := response.read(CHUNK_BYTES):
+            received += len(chunk)
+            if received > MAX_BYTES:
+                raise DownloadError(f"{name!r}: the server sends more than {MAX_BYTES:,} bytes; not an ATST checkpoint")
+            out.write(chunk)
+            bar.update(len(chunk))
+    if expected is not None and received < expected:
+        raise HTTPException(f"connection closed after {received:,} of {expected:,} bytes")
+
+
+_FORM = re.compile(r"<form\b[^>]*\baction=\"([^\"]+)\"[^>]*>(.*?)</form>", re.S | re.I)
+_HIDDEN = re.compile(r"<input\b[^>]*\btype=\"hidden\"[^>]*>", re.I)
+_ATTRIBUTE = re.compile(r"\b(name|value)=\"([^\"]*)\"", re.I)
+_CONFIRM_LINK = re.compile(r"href=\"([^\"]*confirm=[^\"]*)\"", re.I)
+
+
+def _confirmation_url(page: str, page_url: str, url: str) -> str:
+    """Google Drive answers large files with a page asking to confirm ("can't scan this file for
+    viruses"): a form of hidden fields (since 2024) or a link with a ``confirm=`` token (before)."""
+    for action, body in _FORM.findall(page):
+        fields = dict(_field(tag) for tag in _HIDDEN.findall(body))
+        if "confirm" in fields or "id" in fields:
+            target = urllib.parse.urljoin(page_url, html.unescape(action))
+            return f"{target}?{urllib.parse.urlencode(fields)}"
+    link = _CONFIRM_LINK.search(page)
+    if link:
+        return urllib.parse.urljoin(page_url, html.unescape(link.group(1)))
+    title = re.search(r"<title>(.*?)</title>", page, re.S | re.I)
+    raise DownloadError(
+        f"{url} answered with a web page ({html.unescape(title.group(1)).strip()[:80] if title else 'no title'!r}), not "
+        "the file; Google Drive refuses files that were downloaded too often: try later, or download it in a "
+        "browser and load the file (load_model('path/to/file.ckpt'))"
+    )
+
+
+def _field(tag: str) -> tuple[str, str]:
+    attributes = {key.lower(): html.unescape(value) for key, value in _ATTRIBUTE.findall(tag)}
+    return attributes.get("name", ""), attributes.get("value", "")
+
+
+def _file_name(response, url: str) -> str:
+    """The server's name for the file (Content-Disposition, else the URL's last part), made safe."""
+    disposition = response.headers.get("Content-Disposition", "")
+    match = re.search(r"filename\*=UTF-8''([^;]+)", disposition) or re.search(r'filename="?([^";]+)"?', disposition)
+    name = urllib.parse.unquote(match.group(1)) if match else urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    name = re.sub(r"[^\w.-]", "_", name).lstrip(".")[:100]
+    return name if name and name != PARTIAL_NAME else "checkpoint.ckpt"
