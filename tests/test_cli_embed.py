@@ -272,6 +272,7 @@ def test_symlink_loops_fifos_and_long_names(tmp_path, frame_small_ckpt):
     result = run(str(data), "-d", str(out), model=frame_small_ckpt)
     assert result.exit_code == 0, result.output
     assert "2 embedded" in result.output  # each file once: no loop, no FIFO
+    assert f"1 skipped as not regular files (FIFOs, sockets or devices; first: {str(data / 'pipe.wav')!r})" in result.output
     assert sorted(p.name for p in out.rglob("*.npz")) == sorted(["a.npz", "b" * 248 + ".npz"])
     result = run(str(data / "pipe.wav"), "-o", str(tmp_path / "pipe.npz"), model=frame_small_ckpt)
     assert result.exit_code == 1 and "not a regular file" in result.output  # and no hang
@@ -317,3 +318,31 @@ def test_two_concurrent_runs_never_show_a_torn_output(tmp_path, frame_small_ckpt
             reads += 1
     assert [p.wait(timeout=60) for p in processes] == [0, 0], [p.stderr.read() for p in processes]
     assert reads > 0 and len(list(out.glob("*.npz"))) == 12 and not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
+def test_full_disk_is_one_line_per_file_in_every_format(tmp_path, frame_small_ckpt, fmt):
+    """Writes fail in the kernel (a file-size limit: EFBIG, as ENOSPC on a full disk): each file gets
+    one error line, the run goes on to the next and exits 1, and nothing partial is left."""
+    data = tmp_path / "data"
+    for index in range(2):
+        write_audio(data / f"{index}.wav", 0.5, index)
+    out = tmp_path / "out"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from atst_features.cli import embed\n"
+        "embed(sys.argv[1:])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(data), "-d", str(out), "--format", fmt, "--level", "frame",
+         "--model", str(frame_small_ckpt), "--device", "cpu", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") and "cannot write" in line and "disk full" in line
+                                   for line in lines), lines
+    assert "0.wav" in lines[0] and "1.wav" in lines[1] and "Traceback" not in result.stderr
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no output, no temporary file left

@@ -52,6 +52,8 @@ def encoder_value(key, value):
     (encoder_value("n_mels", None), "EncoderConfig.n_mels must be int, got None"),
     (encoder_value("depth", True), "EncoderConfig.depth must be int, got True"),
     (encoder_value("max_tokens", [250]), "EncoderConfig.max_tokens must be int"),
+    (lambda c: {**c, "model": {**c["model"], "frontend": {**c["model"]["frontend"], "sample_rate": 22050}}},
+     r"FrontendConfig.sample_rate must be in \[16000, 16000\], got 22050"),  # every ATST model takes 16 kHz
     (lambda c: {**c, "format_version": "1"}, "format_version must be an integer"),
     (lambda c: {**c, "model": {**c["model"], "labels": "abc"}}, "labels must be a list of strings"),
 ])

@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from atst_features.audio import AudioDecodeError, EmptyAudioError, load_audio
+from atst_features.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError, load_audio
 
-SAMPLE_RATE = 16000
 SEED = 20261202
 AUDIO = re.compile(r"\.(wav|ogg|oga|opus|flac)$", re.IGNORECASE)
 EVAL_CLIPS_PER_LABEL = 80

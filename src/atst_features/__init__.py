@@ -9,6 +9,7 @@ from .errors import (
     EmptyAudioError,
     InputError,
     ModelNotFoundError,
+    OutputError,
 )
 from .convert import convert_checkpoint
 from .hub import PretrainedModel, list_models, push_to_hub
@@ -28,6 +29,7 @@ __all__ = [
     "EmptyAudioError",
     "InputError",
     "ModelNotFoundError",
+    "OutputError",
     "PretrainedModel",
     "convert_checkpoint",
     "get_clip_embedding",

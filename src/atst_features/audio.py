@@ -19,8 +19,11 @@ from torch import Tensor
 
 from .errors import AudioDecodeError, EmptyAudioError
 
-__all__ = ["AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms"]
+__all__ = [
+    "SAMPLE_RATE", "AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms",
+]
 
+SAMPLE_RATE = 16000  # Hz: the rate every ATST model takes (FrontendConfig refuses others)
 BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) decoded at a time: bounds memory on long files
 INITIAL_SAMPLES = 1 << 22  # first output buffer (16 MB); it grows as samples arrive, never from a header
 RATE_LIMITS = (1000, 768_000)  # sample rates accepted, Hz: beyond them a file or call is refused
@@ -62,7 +65,7 @@ def _decode_error(path: Path, err: Exception) -> AudioDecodeError:
 
 def load_audio(
     path: str | os.PathLike | BinaryIO,
-    target_rate: int | None = 16000,
+    target_rate: int | None = SAMPLE_RATE,
     *,
     offset: float = 0.0,
     duration: float | None = None,
@@ -196,7 +199,7 @@ def _check_finite(waveform: Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf samples")
 
 
-def to_waveforms(audio, sample_rate: int | None, target_rate: int = 16000) -> tuple[list[Tensor], bool]:
+def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE) -> tuple[list[Tensor], bool]:
     """Validate any accepted audio input and return ``(waveforms, is_list)``.
 
     ``audio``: a tensor or array ``[N]`` or ``[B, N]`` (float, in [-1, 1]), a list of 1-D ones of

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import load_audio
+from .audio import SAMPLE_RATE, load_audio
 from .errors import ATSTError, InputError
 from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
@@ -67,17 +67,20 @@ def one_line_errors(command):
     return wrapper
 
 
-def _find_items(inputs: tuple[str, ...], manifest: Path | None) -> list[AudioInput]:
-    """The audio files named by INPUTS and --manifest; a usage error when there are none."""
+def _find_items(inputs: tuple[str, ...], manifest: Path | None) -> tuple[list[AudioInput], list[Path]]:
+    """The audio files named by INPUTS and --manifest, and the FIFOs, sockets or devices skipped in
+    folders; a usage error when there are no files."""
     if not inputs and manifest is None:
         raise click.UsageError("give audio files, folders or glob patterns, or --manifest FILE")
+    special: list[Path] = []
     try:
-        items = find_inputs(list(inputs), manifest)
+        items = find_inputs(list(inputs), manifest, special)
     except (InputError, OSError) as error:
         raise click.UsageError(str(error)) from None
     if not items:
-        raise click.UsageError(f"no audio files found in {', '.join(inputs) or str(manifest)}")
-    return items
+        raise click.UsageError(f"no audio files found in {', '.join(inputs) or str(manifest)}"
+                               + (f" ({len(special)} FIFOs, sockets or devices skipped)" if special else ""))
+    return items, special
 
 
 def _result_format(output: Path | None, fmt: str | None, overwrite: bool, suffixes: tuple[str, ...]) -> str:
@@ -180,7 +183,7 @@ def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None)
 
 
 def _decode(path: Path) -> np.ndarray:
-    return load_audio(path, target_rate=16000)[0]
+    return load_audio(path)[0]
 
 
 def _decoded(items: list[AudioInput], workers: int):
@@ -212,8 +215,9 @@ def _decoded(items: list[AudioInput], workers: int):
 class _Run:
     """Counts, progress and per-file reporting of one atst-embed run."""
 
-    def __init__(self, total: int, quiet: bool, verb: str = "embedded") -> None:
+    def __init__(self, total: int, quiet: bool, verb: str = "embedded", special: list[Path] = ()) -> None:
         self.verb = verb
+        self.special = list(special)  # FIFOs, sockets, devices found in folders and not read
         self.done = self.failed = 0
         self.seconds = 0.0
         self.started = time.perf_counter()
@@ -252,6 +256,8 @@ class _Run:
         return (
             f"{self.done} {self.verb} ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
             + (f"{skipped} skipped (outputs exist), " if skipped is not None else "") + f"{self.failed} failed"
+            + (f", {len(self.special)} skipped as not regular files (FIFOs, sockets or devices; first: "
+               f"{str(self.special[0])!r})" if self.special else "")
         )
 
 
@@ -281,7 +287,7 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
         except OSError as error:
             run.error(item, error)
         else:
-            run.succeeded(len(waveform) / 16000)
+            run.succeeded(len(waveform) / SAMPLE_RATE)
 
 
 def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base) -> None:
@@ -347,7 +353,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
             raise click.UsageError("-o/--output takes a .npz or .pt file (for npy use --output-dir)")
         fmt = suffix
     fmt = fmt or "npz"
-    items = _find_items(inputs, manifest)
+    items, special = _find_items(inputs, manifest)
     if output is not None and len(items) != 1:
         raise click.UsageError(f"-o/--output takes exactly one input, got {len(items)}; use --output-dir")
 
@@ -368,7 +374,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
         n_blocks = n_blocks or model.depth
         if n_blocks > model.depth:
             raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
-    run = _Run(len(todo), quiet)
+    run = _Run(len(todo), quiet, special=special)
     if not todo:
         run.bar.close()
         if not quiet:
@@ -390,7 +396,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
                 except Exception as error:
                     run.error(item, error)
                 else:
-                    run.succeeded(len(result) / 16000)
+                    run.succeeded(len(result) / SAMPLE_RATE)
                 continue
             batch.append((item, result))
             windows += 1 + len(result) // 160_000
@@ -435,9 +441,9 @@ TAG_WINDOW = 160_000  # --per-window: 10 s at 16 kHz
 def _windows(waveform: np.ndarray, per_window: bool) -> list[tuple[float, float, np.ndarray]]:
     """``(start s, end s, samples)``: the whole clip, or its 10 s windows (the last one shorter)."""
     if not per_window:
-        return [(0.0, len(waveform) / 16000, waveform)]
+        return [(0.0, len(waveform) / SAMPLE_RATE, waveform)]
     starts = range(0, max(len(waveform), 1), TAG_WINDOW)
-    return [(s / 16000, min(s + TAG_WINDOW, len(waveform)) / 16000, waveform[s : s + TAG_WINDOW]) for s in starts]
+    return [(s / SAMPLE_RATE, min(s + TAG_WINDOW, len(waveform)) / SAMPLE_RATE, waveform[s : s + TAG_WINDOW]) for s in starts]
 
 
 def _tag_rows(model, batch, top_k: int, per_window: bool, batch_size: int) -> list[dict]:
@@ -496,10 +502,10 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     Exit status: 0 when every file was tagged, 1 when some failed, 2 for usage errors.
     """
     fmt = _result_format(output, fmt, overwrite, ("csv", "json"))
-    items = _find_items(inputs, manifest)
+    items, special = _find_items(inputs, manifest)
     model = _model_with_head(model_name, device, "clip", "tagging head; fine-tune one with atst-train finetune and "
                              "export it with atst-convert, or use a C2F checkpoint")
-    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged")
+    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged", special=special)
     rows: list[dict] = []
     batch, windows = [], 0
 
@@ -511,7 +517,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
                 run.error(item, error)
             return
         for _, waveform in batch:
-            run.succeeded(len(waveform) / 16000)
+            run.succeeded(len(waveform) / SAMPLE_RATE)
         if fmt == "table" and output is None:
             with tqdm.external_write_mode(file=sys.stderr):
                 _print_table(new, per_window)
@@ -565,7 +571,7 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install matplotlib") from None
     mel, _ = model.frontend(torch.from_numpy(waveform)[None].to(model.device))
-    seconds = len(waveform) / 16000
+    seconds = len(waveform) / SAMPLE_RATE
     labels = list(model.labels)
     figure, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.2]})
     axes[0].imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
@@ -617,7 +623,7 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     threshold = _per_label_option(threshold, float, "--threshold")
     median = _per_label_option(median, int, "--median")
     fmt = _result_format(output, fmt, overwrite, ("tsv", "json"))
-    items = _find_items(inputs, manifest)
+    items, special = _find_items(inputs, manifest)
     model = _model_with_head(model_name, device, "events", "event head; train one with atst-train sed and export it "
                              "with atst-convert")
     decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
@@ -628,7 +634,7 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
         raise click.ClickException(str(error)) from None
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="processed")
+    run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="processed", special=special)
     events = []
     for item, result in run.decoded(items, num_workers):
         try:
@@ -639,7 +645,7 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
         except Exception as error:
             run.error(item, error)
             continue
-        run.succeeded(len(result) / 16000)
+        run.succeeded(len(result) / SAMPLE_RATE)
         if fmt == "table" and output is None:
             with tqdm.external_write_mode(file=sys.stderr):
                 click.echo(f"{item.relative}: {len(found)} event{'s' if len(found) != 1 else ''}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import SAMPLE_RATE
 from .checkpoints import CheckpointError, build_model, read_checkpoint
 from .errors import InputError
 from .hub import sha256_of
@@ -36,7 +37,7 @@ class Conversion:
 
 def _probe_audio() -> np.ndarray:
     """12 s of chirp and noise: two 10 s windows, two ATST-Clip chunks, exercises every path."""
-    rate = ATSTModel.sample_rate
+    rate = SAMPLE_RATE
     t = np.arange(12 * rate) / rate
     noise = np.random.default_rng(0).standard_normal(t.size)
     return (0.3 * np.sin(2 * np.pi * (100 + 300 * t) * t) + 0.05 * noise).astype(np.float32)

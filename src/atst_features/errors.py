@@ -17,6 +17,7 @@ __all__ = [
     "EmptyAudioError",
     "InputError",
     "ModelNotFoundError",
+    "OutputError",
 ]
 
 
@@ -45,7 +46,11 @@ class ChecksumError(ATSTError, ValueError):
 
 
 class DownloadError(ATSTError, OSError):
-    """A model that could not be fetched from the Hub (and is not in the cache)."""
+    """A model that could not be fetched from the Hub or the authors' link (and is not in the cache)."""
+
+
+class OutputError(ATSTError, OSError):
+    """An output that could not be written (a full disk, a size limit, no permission); the message names it."""
 
 
 class ModelNotFoundError(ATSTError, FileNotFoundError):

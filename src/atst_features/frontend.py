@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from .audio import SAMPLE_RATE
 from .errors import check_field
 
 __all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
@@ -23,7 +24,7 @@ __all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
 class FrontendConfig:
     """Parameters of the log-mel front end (defaults: every official ATST model)."""
 
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     n_fft: int = 1024
     win_length: int = 1024
     hop_length: int = 160
@@ -37,7 +38,7 @@ class FrontendConfig:
     def __post_init__(self) -> None:
         number = (float, int)
         for name, kind, low, high in (
-            ("sample_rate", int, 1000, 768_000), ("n_fft", int, 16, 65536), ("win_length", int, 16, 65536),
+            ("sample_rate", int, SAMPLE_RATE, SAMPLE_RATE), ("n_fft", int, 16, 65536), ("win_length", int, 16, 65536),
             ("hop_length", int, 1, 65536), ("n_mels", int, 1, 512), ("f_min", number, 0, 384_000),
             ("f_max", number, 0, 384_000), ("top_db", number, 0, 1000), ("db_min", number, -1e4, 1e4),
             ("db_max", number, -1e4, 1e4),

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .hub import DEFAULT_MODEL
 from .loading import load_model as _load_atst_model
+from .audio import SAMPLE_RATE
 from .model import ATSTModel
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
@@ -29,7 +30,7 @@ class HearModel(torch.nn.Module):
     the loaded checkpoint and ``n_blocks``); ``.to(device)`` moves the ATST model.
     """
 
-    sample_rate = 16000
+    sample_rate = SAMPLE_RATE
 
     def __init__(self, model: ATSTModel, n_blocks: int | None = None, batch_size: int = 32) -> None:
         super().__init__()

@@ -52,10 +52,11 @@ def _identity(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def scan_folder(folder: Path) -> list[AudioInput]:
+def scan_folder(folder: Path, special: list[Path] | None = None) -> list[AudioInput]:
     """Audio files under ``folder`` (recursively, by suffix), in a stable order. Symbolic links to
     folders are followed, each real folder once (a link loop such as ``ln -s . loop`` adds
-    nothing); FIFOs, sockets and devices are skipped (reading one would block or never end)."""
+    nothing); FIFOs, sockets and devices are skipped (reading one would block or never end) and
+    appended to ``special`` if given."""
     found = []
     visited = {_identity(str(folder))}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -68,8 +69,12 @@ def scan_folder(folder: Path) -> list[AudioInput]:
         dirnames[:] = keep
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.suffix.lower() in AUDIO_SUFFIXES and (path.is_file() or not path.exists()):
+            if path.suffix.lower() not in AUDIO_SUFFIXES:
+                continue
+            if path.is_file() or not path.exists():  # a broken link is reported when it is decoded
                 found.append(AudioInput(path, path.relative_to(folder)))
+            elif special is not None:
+                special.append(path)
     return found
 
 
@@ -134,10 +139,13 @@ def read_manifest(manifest: str | os.PathLike) -> list[tuple[Path, float | None]
     return resolved
 
 
-def find_inputs(arguments: list[str], manifest: str | os.PathLike | None = None) -> list[AudioInput]:
+def find_inputs(
+    arguments: list[str], manifest: str | os.PathLike | None = None, special: list[Path] | None = None
+) -> list[AudioInput]:
     """Expand command-line inputs into audio files, in a stable order, without duplicates.
 
-    A folder is searched recursively for audio suffixes; a pattern with ``*``, ``?`` or ``[`` is
+    A folder is searched recursively for audio suffixes (FIFOs, sockets and devices found there are
+    skipped, and appended to ``special`` if given); a pattern with ``*``, ``?`` or ``[`` is
     globbed (``**`` recurses) and every match is kept, so a matching folder is reported when it is
     decoded; any other argument is taken as a file, existing or not.
     """
@@ -145,7 +153,7 @@ def find_inputs(arguments: list[str], manifest: str | os.PathLike | None = None)
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found.extend(scan_folder(path))
+            found.extend(scan_folder(path, special))
         elif not path.exists() and _GLOB_CHARS & set(argument):
             root = _glob_root(argument)
             found.extend(AudioInput(Path(m), _under_root(Path(m), root)) for m in sorted(glob.glob(argument, recursive=True)))

@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .audio import to_waveforms
+from .audio import SAMPLE_RATE, to_waveforms
 from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
 from .errors import check_field
 from .frontend import FrontendConfig, LogMelFrontend
@@ -107,7 +107,7 @@ class ATSTModel(nn.Module):
     resampled with soxr; files use their own rate). Results are on the model's device.
     """
 
-    sample_rate = 16000
+    sample_rate = SAMPLE_RATE  # FrontendConfig holds every model to it
     reference_clip_chunk = 601  # ATST-Clip clip-embedding chunk (6 s), as in the reference linear evaluation
 
     def __init__(self, config: ModelConfig) -> None:

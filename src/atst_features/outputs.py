@@ -18,6 +18,7 @@ Layout (``<base>`` is the output path without suffix):
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import zipfile
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import OutputError
 
 __all__ = ["FORMATS", "KEYS", "FrameStream", "output_files", "write_outputs"]
 
@@ -68,15 +71,62 @@ def temporary_beside(path: Path, suffix: str = ".partial") -> Path:
 
 
 @contextmanager
+def _explained_write_errors(path: Path) -> Iterator[None]:
+    """A failed write (full disk, size limit, permissions) as one :class:`OutputError` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)  # numpy's short writes carry no errno: "N requested and M written"
+        raise OutputError(f"cannot write {str(path)!r} ({reason}); is the disk full? Free space or write elsewhere "
+                          "(--output-dir)") from None
+
+
+@contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_beside(path)
+    temporary = None
     try:
-        yield temporary
-        os.replace(temporary, path)
+        with _explained_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = temporary_beside(path)
+            yield temporary
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+
+
+class _KeepWriteError(io.RawIOBase):
+    """A file wrapper that keeps the ``OSError`` of a failed write: ``torch.save`` turns it into a
+    ``RuntimeError`` that does not say the disk is full."""
+
+    def __init__(self, handle) -> None:
+        super().__init__()
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def _torch_save(value: dict, path: Path) -> None:
+    with open(path, "wb") as handle:
+        sink = _KeepWriteError(handle)
+        try:
+            torch.save(value, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -104,7 +154,8 @@ class FrameStream:
         if first != self.rows:
             raise ValueError(f"frame rows must come in order: expected row {self.rows}, got {first}")
         values = np.ascontiguousarray(_as_numpy(rows))
-        self._file.write(values.tobytes())
+        with _explained_write_errors(self.path):
+            self._file.write(values.tobytes())
         self.rows += len(values)
 
     def finish(self) -> Path:
@@ -147,7 +198,7 @@ def write_outputs(base: Path, fmt: str, arrays: dict, metadata: dict, frames: Fr
                 tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
                 if frames is not None:
                     tensors["frame"] = torch.from_numpy(np.load(frames.path))
-                torch.save({**tensors, **metadata}, temporary)
+                _torch_save({**tensors, **metadata}, temporary)
         return [path]
     finally:
         if frames is not None:

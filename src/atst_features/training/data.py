@@ -22,12 +22,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..audio import AudioDecodeError, EmptyAudioError, load_audio
+from ..audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError, load_audio
 from ..inputs import AUDIO_SUFFIXES, read_manifest, scan_folder
 
 __all__ = ["AudioCrops", "ShardCrops", "PretrainingData", "SAMPLE_RATE"]
 
-SAMPLE_RATE = 16000
 SUBSET_SEED = 1234  # the reference shuffles its key list with this seed before taking a subset
 
 

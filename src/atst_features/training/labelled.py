@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..audio import centre_crop, load_audio
+from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..inputs import InputError
 from .manifests import LabelledItem, LabelledSet, read_labelled, split_items
 
 __all__ = ["LabelledClips", "LabelledData", "collate_clips"]
 
-SAMPLE_RATE = 16000
 
 
 class LabelledClips(Dataset):

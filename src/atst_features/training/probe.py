@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..audio import centre_crop, load_audio
+from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..frontend import FrontendConfig, LogMelFrontend
 from ..errors import ATSTError, InputError
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
@@ -80,8 +80,8 @@ class ProbeResult:
 def _waveforms(items: list[LabelledItem], crop_seconds: float | None) -> list[np.ndarray]:
     waves = []
     for item in tqdm(items, desc="decode", unit="file", file=sys.stderr, leave=False):
-        waveform, _ = load_audio(item.path, 16000)
-        waves.append(centre_crop(waveform, int(crop_seconds * 16000)) if crop_seconds else waveform)
+        waveform, _ = load_audio(item.path)
+        waves.append(centre_crop(waveform, int(crop_seconds * SAMPLE_RATE)) if crop_seconds else waveform)
     return waves
 
 

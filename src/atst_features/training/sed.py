@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..audio import load_audio
+from ..audio import SAMPLE_RATE, load_audio
 from ..inputs import InputError
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
 __all__ = ["EventData", "SoundEventDetection", "frame_targets", "read_strong", "read_weak"]
 
-SAMPLE_RATE = 16000
 TOKEN_SECONDS = 0.04
 MODES = ("freeze", "last", "full")
 
