@@ -25,6 +25,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .errors import ATSTError, InputError
 from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
+from .model import PRECISIONS
 from .outputs import FORMATS, FrameStream, output_files, write_outputs
 
 BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your input; please report it "
@@ -96,11 +97,11 @@ def _result_format(output: Path | None, fmt: str | None, overwrite: bool, suffix
     return suffix
 
 
-def _model_with_head(model_name: str, device: str | None, head_type: str, hint: str):
+def _model_with_head(model_name: str, device: str | None, precision: str, head_type: str, hint: str):
     """Load a model whose head is of ``head_type``; one ``Error:`` line otherwise."""
     from .loading import load_model
 
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, device=device, precision=precision)
     if model.head is None or model.config.head_type != head_type:
         raise click.ClickException(f"{model_name!r} has no {hint}")
     return model
@@ -167,6 +168,12 @@ def models(as_json: bool) -> None:
         )
     click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
     click.echo("authors' ...: downloaded from the authors' host and converted once, on first use; then cached.")
+
+
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+    help="Encoder compute precision (outputs stay float32): bf16 is several times faster on CPUs with AMX or "
+    "AVX512-BF16 and on GPUs; *-mixed keep the residual sum in float32.")
 
 
 # ---------------------------------------------------------------------------------------------- atst-embed
@@ -321,7 +328,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 @click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
               help="Registry name (atst-models), Hub id, model folder or checkpoint file.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@PRECISION_OPTION
 @click.option("--n-blocks", type=click.IntRange(min=1), default=None,
               help="Concatenate the outputs of the last N transformer blocks [default: all of the model's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -336,7 +343,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (default: skip them, so a rerun resumes).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
 @one_line_errors
-def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_size, num_workers, output_dir, output,
+def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batch_size, num_workers, output_dir, output,
           fmt, overwrite, quiet) -> None:
     """Embed audio files with an ATST model.
 
@@ -370,7 +377,7 @@ def embed(inputs, manifest, level, model_name, device, dtype, n_blocks, batch_si
     if todo:  # before the progress bar, which a first download's own bar would interleave with
         from .loading import load_model
 
-        model = load_model(model_name, device=device, dtype=getattr(torch, dtype))
+        model = load_model(model_name, device=device, precision=precision)
         n_blocks = n_blocks or model.depth
         if n_blocks > model.depth:
             raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
@@ -424,6 +431,7 @@ def _head_command_options(command):
     options = [
         click.option("--overwrite", is_flag=True, help="Replace the -o file if it exists."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: CUDA when available]"),
+        PRECISION_OPTION,
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="10 s windows per encoder pass."),
         click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -493,7 +501,7 @@ def _write_rows(rows: list[dict], fmt: str, stream) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the results to this .csv or .json file.")
 @_head_command_options
 @one_line_errors
-def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, batch_size, num_workers, quiet) -> None:
+def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, precision, batch_size, num_workers, quiet) -> None:
     """Tag audio files: the top labels of a model's tagging head, with probabilities.
 
     INPUTS are audio files, folders or glob patterns, as for atst-embed. Any length: the clip's
@@ -503,7 +511,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     """
     fmt = _result_format(output, fmt, overwrite, ("csv", "json"))
     items, special = _find_items(inputs, manifest)
-    model = _model_with_head(model_name, device, "clip", "tagging head; fine-tune one with atst-train finetune and "
+    model = _model_with_head(model_name, device, precision, "clip", "tagging head; fine-tune one with atst-train finetune and "
                              "export it with atst-convert, or use a C2F checkpoint")
     run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged", special=special)
     rows: list[dict] = []
@@ -610,7 +618,7 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
 @_head_command_options
 @one_line_errors
 def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, overwrite,
-           device, batch_size, num_workers, quiet) -> None:
+           device, precision, batch_size, num_workers, quiet) -> None:
     """Detect sound events in audio files with a model that has an event head.
 
     Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
@@ -624,7 +632,7 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     median = _per_label_option(median, int, "--median")
     fmt = _result_format(output, fmt, overwrite, ("tsv", "json"))
     items, special = _find_items(inputs, manifest)
-    model = _model_with_head(model_name, device, "events", "event head; train one with atst-train sed and export it "
+    model = _model_with_head(model_name, device, precision, "events", "event head; train one with atst-train sed and export it "
                              "with atst-convert")
     decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
                                threshold=threshold, median=median, min_gap=min_gap, min_length=min_length)

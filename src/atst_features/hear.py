@@ -41,12 +41,15 @@ class HearModel(torch.nn.Module):
         self.batch_size = batch_size
 
 
-def load_model(model_file_path: str = "", n_blocks: int | None = None, batch_size: int = 32) -> HearModel:
+def load_model(
+    model_file_path: str = "", n_blocks: int | None = None, batch_size: int = 32, precision: str | None = None
+) -> HearModel:
     """Load a model for HEAR: a checkpoint file, a model folder, a registry name or a Hub id
     (empty: the default model, atst-frame-base). The model stays on the CPU (the evaluation kit
     moves it). Options, also from the evaluation kit's ``--model-options`` JSON: ``n_blocks``
-    (last blocks concatenated, default: all of the model's blocks), ``batch_size`` (10 s windows per encoder pass)."""
-    model = _load_atst_model(model_file_path or DEFAULT_MODEL, device="cpu")
+    (last blocks concatenated, default: all of the model's blocks), ``batch_size`` (10 s windows per encoder pass),
+    ``precision`` (the encoder's compute precision, e.g. ``"bf16"``; embeddings stay float32)."""
+    model = _load_atst_model(model_file_path or DEFAULT_MODEL, device="cpu", precision=precision)
     return HearModel(model, n_blocks=n_blocks, batch_size=batch_size)
 
 

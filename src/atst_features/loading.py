@@ -73,6 +73,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    precision: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     force_download: bool = False,
@@ -85,13 +86,20 @@ def load_model(
     (official ATST-Frame / ATST-Clip Lightning checkpoint, C2F distillation checkpoint, fine-tuned,
     ATST-SED or bare encoder state dict). ``revision``: a Hub branch, tag or commit to pin.
     ``cache_dir``: the Hub cache (default from ``HF_HUB_CACHE`` / ``HF_HOME``). ``force_download``:
-    fetch again even if cached. ``device``: default CUDA when available, else CPU. ``dtype``: e.g.
-    ``torch.bfloat16`` for the encoder (the front end always computes in float32).
+    fetch again even if cached. ``device``: default CUDA when available, else CPU. ``dtype``: the
+    weights' dtype, e.g. ``torch.bfloat16`` (outputs in it; the front end always computes in
+    float32). ``precision``: the encoder's compute precision with float32 outputs, ``"fp32"``,
+    ``"bf16"`` (fastest on CPUs with AMX / AVX512-BF16 and on GPUs), ``"fp16"``, ``"bf16-mixed"`` or
+    ``"fp16-mixed"``; see :meth:`ATSTModel.set_precision`.
     """
     contents, local = read_source(source, revision=revision, cache_dir=cache_dir, force_download=force_download)
     model = build_model(contents)
     model.provenance["source_file"] = local.name
     model = model.to(device=resolve_device(device))
+    if dtype is not None and precision is not None:
+        raise InputError("give dtype (the weights' dtype) or precision (the compute precision), not both")
     if dtype is not None:
         model = model.to(dtype=dtype)
+    if precision is not None:
+        model.set_precision(precision)
     return model

@@ -1,0 +1,107 @@
+"""Compute precisions (fp32, bf16, fp16, *-mixed) and the token alignment of 16-bit CPU attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import waveform, write_audio
+
+import atst_features
+from atst_features import InputError
+from atst_features import encoder as encoder_module
+from atst_features.cli import embed
+from atst_features.model import PRECISIONS
+
+AUDIO = [waveform(12.3, 1), waveform(3.7, 2)]  # two windows and a padded batch
+
+
+def min_frame_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return min(torch.nn.functional.cosine_similarity(x.float(), y, dim=-1).min().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if p != "fp32"])
+@pytest.mark.parametrize("fixture", ["frame_small_ckpt", "clip_small_ckpt"])
+def test_16_bit_precisions_stay_close_to_fp32(precision, fixture, request):
+    path = request.getfixturevalue(fixture)
+    reference = atst_features.load_model(path, device="cpu")
+    model = atst_features.load_model(path, device="cpu", precision=precision)
+    half, mixed = PRECISIONS[precision]
+    assert model.precision == precision and model.encoder.blocks[0].mlp.fc1.weight.dtype == half
+    assert model.encoder.norm.weight.dtype == (torch.float32 if mixed else half)  # mixed: norms stay float32
+    frames, stamps = model.get_frame_embeddings(AUDIO)
+    expected, expected_stamps = reference.get_frame_embeddings(AUDIO)
+    assert all(f.dtype == torch.float32 and f.shape == e.shape for f, e in zip(frames, expected))
+    assert all(torch.equal(s, e) for s, e in zip(stamps, expected_stamps))
+    assert min_frame_cosine(frames, expected) >= 0.999
+    clip = model.get_clip_embedding(AUDIO)
+    assert clip.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(clip, reference.get_clip_embedding(AUDIO)).min().item() >= 0.999
+
+
+def test_fp32_precision_is_the_default_computation(frame_small_ckpt, frame_small):
+    model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="fp32")
+    assert torch.equal(model.get_frame_embeddings(AUDIO[0])[0], frame_small.get_frame_embeddings(AUDIO[0])[0])
+
+
+def test_precision_errors(frame_small_ckpt):
+    with pytest.raises(InputError, match="precision must be one of fp32, bf16, fp16, bf16-mixed, fp16-mixed, got 'int8'"):
+        atst_features.load_model(frame_small_ckpt, device="cpu", precision="int8")
+    with pytest.raises(InputError, match="dtype .* or precision .*, not both"):
+        atst_features.load_model(frame_small_ckpt, device="cpu", dtype=torch.bfloat16, precision="bf16")
+    model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16-mixed")
+    with pytest.raises(InputError, match="already runs in bf16-mixed; load it again for fp32"):
+        model.set_precision("fp32")
+    bf16_weights = atst_features.load_model(frame_small_ckpt, device="cpu", dtype=torch.bfloat16)
+    assert bf16_weights.get_frame_embeddings(AUDIO[0])[0].dtype == torch.bfloat16  # dtype keeps its meaning
+    with pytest.raises(InputError, match="needs float32 weights"):
+        bf16_weights.set_precision("bf16")
+
+
+@pytest.mark.parametrize("fixture", ["frame_small", "clip_small", "frame_prompt"])
+def test_aligned_attention_equals_unaligned(fixture, request, monkeypatch):
+    """Padding the tokens to a multiple of 64 (done for 16-bit CPU attention) changes nothing but
+    rounding: checked in float32, where it is not done by default."""
+    model = request.getfixturevalue(fixture)
+    expected = model.get_embeddings(AUDIO, n_blocks=3)
+    lengths = []
+
+    def aligned(length, x):
+        lengths.append(length)
+        return -(-length // 64) * 64
+
+    monkeypatch.setattr(encoder_module, "_aligned_length", aligned)
+    clip, frames, _ = model.get_embeddings(AUDIO, n_blocks=3)
+    assert lengths and any(length % 64 for length in lengths)  # padding really happened
+    torch.testing.assert_close(clip, expected[0], rtol=0, atol=2e-5)
+    for got, want in zip(frames, expected[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_alignment_rule():
+    cpu_bf16 = torch.zeros(1, 250, 8, dtype=torch.bfloat16)
+    assert encoder_module._aligned_length(250, cpu_bf16) == 256
+    assert encoder_module._aligned_length(251, cpu_bf16.half()) == 256
+    assert encoder_module._aligned_length(250, cpu_bf16.float()) == 250  # float32: no gain, no padding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoder_module._aligned_length(250, cpu_bf16.float()) == 256
+
+
+def test_cli_precision(tmp_path, frame_small_ckpt, frame_small):
+    path = write_audio(tmp_path / "a.wav", seconds=3.0)
+    result = CliRunner().invoke(embed, [str(path), "--level", "frame", "--model", str(frame_small_ckpt),
+                                        "--precision", "bf16", "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "a.npz") as saved:
+        frames = torch.from_numpy(saved["frame"])
+    assert frames.dtype == torch.float32
+    assert min_frame_cosine([frames], [frame_small.get_frame_embeddings(path)[0][0]]) >= 0.999
+
+
+def test_hear_precision_option(frame_small_ckpt):
+    from atst_features import hear
+
+    model = hear.load_model(str(frame_small_ckpt), n_blocks=2, precision="bf16")
+    scene = hear.get_scene_embeddings(torch.from_numpy(np.stack([waveform(2.0, 5)])), model)
+    assert scene.dtype == torch.float32 and scene.shape == (1, model.scene_embedding_size)
