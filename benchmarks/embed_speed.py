@@ -1,12 +1,20 @@
-"""Embedding speed: audio-seconds embedded per wall-clock second.
+"""Embedding speed: audio-seconds per second, ours in every precision and, given a checkout of the
+official code, the official frame-embedding path, measured side by side in one run.
 
-Runs ATST-Frame small and base (random weights: speed does not depend on their values) on
-8 x 10 s clips and on one 60 s clip, for frame embeddings (all 12 blocks) and clip embeddings,
-and prints the machine, torch version and thread count with every figure. The "one window per
-pass" column runs the same work with ``batch_size=1`` (one 10 s window per encoder call, as the
-reference's chunk loop does), so the ratio shows what batching the windows buys.
+Frame embeddings of all 12 blocks of ATST-Frame (random weights: speed does not depend on their
+values) on 8 x 10 s and 1 x 60 s, best of ``--repeats``. Printed with every figure: the machine, the
+torch version and threads, and the fp32 and bf16 matmul peaks measured in the same run (CPUs here
+differ, and shared machines vary from hour to hour, so compare ratios, not absolute figures). The
+"% of peak" column divides the model's floating-point work (about 4.5 GFLOP per audio-second for
+base) by the time and by the peak of the precision's matmul dtype. "cosine" is the minimum per-frame
+cosine similarity to our fp32 frames.
 
-    python benchmarks/embed_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
+The official path (``--reference PATH``, a checkout of github.com/Audio-WestlakeU/audiossl; its code
+is imported from there, never copied here) is what ``atstframe/embedding.py ::
+get_timestamp_embedding`` does: torchaudio's MelSpectrogram and AmplitudeToDB, MinMax scaling, then
+``FrameAST.get_intermediate_layers(n=12, scene=False)`` on 1001-frame chunks.
+
+    python benchmarks/embed_speed.py [--reference ~/audiossl] [--size base] [--threads 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -14,13 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+import types
 
 import numpy as np
 import torch
 
 from atst_features.encoder import EncoderConfig
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.model import PRECISIONS, ATSTModel, ModelConfig
 
 
 def machine() -> str:
@@ -34,56 +44,136 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def timed(run, repeats: int, device: torch.device) -> float:
-    run()  # warm-up
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CPU = torch.device("cpu")
+
+
+def timed(run, repeats: int, device: torch.device = CPU) -> float:
+    """Best wall time of ``repeats`` runs after one warm-up."""
+    run()
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
+def matmul_peaks(device: torch.device = CPU, size: int = 2048) -> tuple[float, float]:
+    """fp32 and bf16 matmul throughput (GFLOP/s) of square ``size`` products, best of 5."""
+    peaks = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+        peaks.append(2 * size**3 / timed(lambda a=a, b=b: a @ b, 5, device) / 1e9)
+    return peaks[0], peaks[1]
+
+
+def flop_per_audio_second(config: EncoderConfig, tokens: int = 250) -> float:
+    """Floating-point work of the encoder per second of audio (25 tokens): per token and block,
+    24 D^2 for the linear layers and 4 L D for attention over ``tokens`` tokens."""
+    per_token = config.depth * (2 * (4 * config.embed_dim**2 + 2 * config.embed_dim * config.mlp_hidden_dim)
+                                + 4 * tokens * config.embed_dim)
+    return 25 * per_token
+
+
+def reference_runner(path: str, size: str, device: torch.device):
+    """The official frame-embedding path, imported from a checkout at ``path``."""
+    import torchaudio
+
+    sys.path.insert(0, os.path.abspath(path))
+    threads = torch.get_num_threads()
+    # The official package imports fairseq for pretraining masks only; inference never calls it.
+    stub = types.ModuleType("fairseq.data.data_utils")
+    stub.compute_mask_indices = None
+    for name in ("fairseq", "fairseq.data"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules.setdefault("fairseq.data.data_utils", stub)
+    from audiossl.methods.atstframe import audio_transformer
+
+    torch.set_num_threads(threads)  # audiossl/__init__.py sets OMP/MKL threads to 1 in the environment
+    encoder = getattr(audio_transformer, f"FrameAST_{size}")().to(device).eval()
+    melspec = torchaudio.transforms.MelSpectrogram(16000, f_min=60, f_max=7800, hop_length=160, win_length=1024,
+                                                   n_fft=1024, n_mels=64).to(device)
+    to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80)
+
+    def run(audio: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            mel = (to_db(melspec(audio[:, None])) + 79.6482) / (50.6842 + 79.6482) * 2.0 - 1.0
+            chunks = []
+            for start in range(0, mel.shape[-1], 1001):
+                chunk = mel[..., start : start + 1001]
+                lengths = torch.full((mel.shape[0],), chunk.shape[-1], device=device)
+                chunks.append(encoder.get_intermediate_layers(chunk, lengths, n=12, scene=False))
+            return torch.cat(chunks, dim=1)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--reference", metavar="PATH", help="a checkout of github.com/Audio-WestlakeU/audiossl")
+    parser.add_argument("--size", default="base", choices=["small", "base"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16,bf16-mixed; "
+                        "on CUDA also fp16,fp16-mixed)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    precisions = (args.precisions or ("fp32,bf16,bf16-mixed" + (",fp16,fp16-mixed" if device.type == "cuda" else ""))).split(",")
 
     print(f"machine: {machine()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, dtype {args.dtype}")
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(device)}")
+    fp32_peak, bf16_peak = matmul_peaks(device)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; "
+          f"matmul peaks: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s ({bf16_peak / fp32_peak:.1f}x)")
     rng = np.random.default_rng(0)
     workloads = {
-        "8 x 10 s": (0.1 * rng.standard_normal((8, 160_000))).astype(np.float32),
-        "1 x 60 s": (0.1 * rng.standard_normal((1, 960_000))).astype(np.float32),
+        "8 x 10 s": torch.from_numpy((0.1 * rng.standard_normal((8, 160_000))).astype(np.float32)),
+        "1 x 60 s": torch.from_numpy((0.1 * rng.standard_normal((1, 960_000))).astype(np.float32)),
     }
-    header = f"{'model':<7} {'workload':<9} {'output':<6} {'audio-s/s':>10} {'one window per pass':>20} {'ratio':>6}"
+    config = EncoderConfig.of_size(args.size, cls_token=False)
+    work = flop_per_audio_second(config)
+    print(f"ATST-Frame {args.size}: {work / 1e9:.2f} GFLOP per audio-second; frame embeddings of all 12 blocks; "
+          f"best of {args.repeats}")
+    torch.manual_seed(0)
+    state = ATSTModel(ModelConfig("frame", config)).state_dict()
+    header = f"{'workload':<9} {'path':<21} {'audio-s/s':>10} {'vs official fp32':>17} {'% of peak':>10} {'cosine':>8}"
     print(header)
     print("-" * len(header))
-    for size in ("small", "base"):
-        torch.manual_seed(0)
-        model = ATSTModel(ModelConfig("frame", EncoderConfig.of_size(size, cls_token=False)))
-        model = model.to(device=device, dtype=dtype).eval()
-        for name, audio in workloads.items():
-            seconds = audio.size / 16_000
-            for output in ("frame", "clip"):
-                method = model.get_frame_embeddings if output == "frame" else model.get_clip_embedding
-                batched = timed(lambda method=method, audio=audio: method(audio, n_blocks=12), args.repeats, device)
-                single = timed(lambda method=method, audio=audio: method(audio, n_blocks=12, batch_size=1),
-                               args.repeats, device)
-                print(
-                    f"{size:<7} {name:<9} {output:<6} {seconds / batched:>10.1f} {seconds / single:>20.1f} "
-                    f"{single / batched:>6.2f}"
-                )
+    reference = reference_runner(args.reference, args.size, device) if args.reference else None
+    for name, audio in workloads.items():
+        seconds = audio.numel() / 16000
+        audio = audio.to(device)
+        rows, baseline, fp32_frames = [], None, None
+        if reference is not None:
+            elapsed = timed(lambda audio=audio: reference(audio), args.repeats, device)
+            baseline = seconds / elapsed
+            rows.append(("official fp32", baseline, fp32_peak, None))
+        for precision in precisions:
+            model = ATSTModel(ModelConfig("frame", config))
+            model.load_state_dict(state)
+            model = model.to(device).eval().set_precision(precision)
+            elapsed = timed(lambda model=model, audio=audio: model.get_frame_embeddings(audio), args.repeats, device)
+            frames = model.get_frame_embeddings(audio)[0].float()
+            if precision == "fp32":
+                fp32_frames = frames
+            cosine = None if fp32_frames is None else torch.nn.functional.cosine_similarity(frames, fp32_frames, dim=-1).min().item()
+            half, _ = PRECISIONS[precision]
+            rows.append((f"ours {precision}", seconds / elapsed, fp32_peak if half is None else bf16_peak, cosine))
+        for path, speed, peak, cosine in rows:
+            versus = f"{speed / baseline:.2f}x" if baseline else "-"
+            print(f"{name:<9} {path:<21} {speed:>10.1f} {versus:>17} {100 * speed * work / 1e9 / peak:>9.0f}% "
+                  f"{'-' if cosine is None else f'{cosine:.5f}':>8}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -346,3 +347,66 @@ def test_full_disk_is_one_line_per_file_in_every_format(tmp_path, frame_small_ck
                                    for line in lines), lines
     assert "0.wav" in lines[0] and "1.wav" in lines[1] and "Traceback" not in result.stderr
     assert [p for p in out.rglob("*") if p.is_file()] == []  # no output, no temporary file left
+
+
+def _outputs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    result = {}
+    for path in sorted(folder.rglob("*.npz")):
+        with np.load(path) as saved:
+            result[str(path.relative_to(folder))] = {key: saved[key] for key in saved.files}
+    return result
+
+
+def _assert_same_outputs(a: Path, b: Path) -> None:
+    first, second = _outputs(a), _outputs(b)
+    assert sorted(first) == sorted(second) and first
+    for name in first:
+        assert sorted(first[name]) == sorted(second[name])
+        for key, value in first[name].items():
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(value, second[name][key], rtol=0, atol=1e-5)
+            else:
+                assert value == second[name][key]
+
+
+@pytest.fixture
+def five_files(tmp_path) -> Path:
+    data = tmp_path / "data"
+    for index, seconds in enumerate([0.5, 2.0, 1.2, 3.1, 0.8]):
+        write_audio(data / ("sub" if index % 2 else "") / f"{index}.wav", seconds, index)
+    return data
+
+
+def test_shards_together_equal_one_run(tmp_path, frame_small_ckpt, five_files):
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert run(str(five_files), "-d", str(whole), "--level", "both", model=frame_small_ckpt).exit_code == 0
+    counts = []
+    for part in ("1/2", "2/2"):
+        result = run(str(five_files), "-d", str(sharded), "--level", "both", "--shard", part, model=frame_small_ckpt)
+        assert result.exit_code == 0, result.output
+        assert f"shard {part}: " in result.output
+        counts.append(int(result.output.split(f"shard {part}: ")[1].split()[0]))
+    assert counts == [3, 2]  # every 2nd of the sorted inputs
+    _assert_same_outputs(whole, sharded)
+    result = run(str(five_files), "-d", str(sharded), "--level", "both", "--shard", "2/2", model=frame_small_ckpt)
+    assert "0 embedded" in result.output and "2 skipped" in result.output  # resumable per shard
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_bad_shard_is_a_usage_error(tmp_path, frame_small_ckpt, five_files, shard):
+    result = run(str(five_files), "-d", str(tmp_path / "o"), "--shard", shard, model=frame_small_ckpt)
+    assert result.exit_code == 2 and "--shard takes K/N" in result.output
+
+
+def test_torchrun_processes_split_the_inputs(tmp_path, frame_small_ckpt, five_files):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run(str(five_files), "-d", str(whole), model=frame_small_ckpt).exit_code == 0
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "atst_features", str(five_files), "-d", str(split),
+         "--model", str(frame_small_ckpt), "--device", "cpu", "--num-workers", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shard 1/2: 3 embedded" in result.stderr and "shard 2/2: 2 embedded" in result.stderr
+    _assert_same_outputs(whole, split)

@@ -105,3 +105,29 @@ def test_hear_precision_option(frame_small_ckpt):
     model = hear.load_model(str(frame_small_ckpt), n_blocks=2, precision="bf16")
     scene = hear.get_scene_embeddings(torch.from_numpy(np.stack([waveform(2.0, 5)])), model)
     assert scene.dtype == torch.float32 and scene.shape == (1, model.scene_embedding_size)
+
+
+def test_fused_gelu_equals_the_plain_path_and_follows_weight_changes(frame_small_ckpt, monkeypatch):
+    model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16")
+    if not encoder_module._FUSED_GELU["available"]:
+        pytest.skip("this torch build has no oneDNN linear-pointwise operator")
+    fused = model.get_frame_embeddings(AUDIO[1])[0][0]
+    mlp = model.encoder.blocks[-1].mlp
+    assert mlp._packed is not None  # the fused path ran
+    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", False)
+    plain = model.get_frame_embeddings(AUDIO[1])[0][0]
+    assert min_frame_cosine([fused], [plain]) >= 0.9999
+    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", True)
+    with torch.no_grad():
+        mlp.fc1.weight.mul_(0.5)  # in place: the packed copy must follow
+    changed = model.get_frame_embeddings(AUDIO[1])[0][0]
+    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", False)
+    assert min_frame_cosine([changed], [model.get_frame_embeddings(AUDIO[1])[0][0]]) >= 0.9999
+    assert min_frame_cosine([changed], [plain]) < 0.9999
+
+
+def test_fused_gelu_failure_falls_back_for_good(monkeypatch):
+    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", True)
+    x = torch.zeros(2, 5, 8, dtype=torch.bfloat16)
+    assert encoder_module._fused_linear_gelu(x, torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3)) is None
+    assert encoder_module._FUSED_GELU["available"] is False

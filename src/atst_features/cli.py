@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from .errors import ATSTError, InputError
 from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
 from .model import PRECISIONS
-from .outputs import FORMATS, FrameStream, output_files, write_outputs
+from .outputs import FORMATS, FrameStream, output_files, temporary_beside, write_outputs
 
 BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your input; please report it "
               "with the traceback above")
@@ -144,6 +145,43 @@ def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, lic
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--n-blocks", type=click.IntRange(min=1), default=None,
+              help="Return the last N blocks side by side [default: all of the model's].")
+@click.option("--frontend", is_flag=True, help="Put the log-mel front end in the graph (input: 16 kHz waveforms).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@one_line_errors
+def export(source: str, out: Path, n_blocks: int | None, frontend: bool, overwrite: bool) -> None:
+    """Export a model's encoder as an ONNX graph OUT (dynamic batch and time, one window of up to 10 s).
+
+    SOURCE: anything --model takes (registry name, Hub id, folder, checkpoint file). Inputs: mel
+    [B, n_mels, T] and n_tokens [B], or with --frontend waveform [B, N]; outputs: frames
+    [B, T // 4, n_blocks * D] (and cls for ATST-Clip). With onnxruntime installed, the graph's
+    frame embeddings are checked against PyTorch's on 1 s, 3.7 s and 10 s of audio.
+    """
+    from .export import check_onnx, export_onnx
+    from .loading import load_model
+
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = load_model(source, device="cpu")
+    staging = temporary_beside(out)
+    try:
+        export_onnx(model, staging, n_blocks=n_blocks, frontend=frontend)
+        error = check_onnx(model, staging, n_blocks=n_blocks, frontend=frontend)
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    click.echo(f"wrote   {out} ({out.stat().st_size:,} bytes): {'waveform' if frontend else 'mel, n_tokens'} -> frames"
+               + (", cls" if model.config.encoder.cls_token else ""))
+    if error is None:
+        click.echo("not checked: install onnxruntime to compare the graph with PyTorch")
+    else:
+        click.echo(f"checked: onnxruntime's frame embeddings equal PyTorch's within {error:.1e} on 1 s, 3.7 s and 10 s")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models(as_json: bool) -> None:
     """List the named models that load_model() and atst-embed --model accept."""
@@ -179,6 +217,24 @@ PRECISION_OPTION = click.option(
 # ---------------------------------------------------------------------------------------------- atst-embed
 LEVEL_KEYS = {"clip": ["clip"], "frame": ["frame", "timestamps"], "both": ["clip", "frame", "timestamps"]}
 STREAM_BYTES = 256 * 2**20  # frame outputs larger than this are streamed to disk, not held in memory
+POOL_BATCHES = 8  # files decoded ahead and sorted by length together, in encoder batches
+
+
+def _shard(shard: str | None, device: str | None) -> tuple[int, int, str | None]:
+    """``(K, N, device)``: this process's part of the inputs, from ``--shard K/N`` or, under torchrun,
+    from ``RANK`` / ``WORLD_SIZE`` (the device then defaults to ``cuda:LOCAL_RANK`` when CUDA is there)."""
+    if shard is not None:
+        part, _, parts = shard.partition("/")
+        if not (part.isdigit() and parts.isdigit() and 1 <= int(part) <= int(parts)):
+            raise click.UsageError(f"--shard takes K/N with 1 <= K <= N (e.g. 3/8), got {shard!r}")
+        return int(part), int(parts), device
+    world = os.environ.get("WORLD_SIZE", "1")
+    rank = os.environ.get("RANK", "0")
+    if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
+        raise click.UsageError(f"RANK={rank!r} and WORLD_SIZE={world!r} from the environment are not a valid rank")
+    if int(world) > 1 and device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return int(rank) + 1, int(world), device
 
 
 def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None) -> Path:
@@ -222,8 +278,10 @@ def _decoded(items: list[AudioInput], workers: int):
 class _Run:
     """Counts, progress and per-file reporting of one atst-embed run."""
 
-    def __init__(self, total: int, quiet: bool, verb: str = "embedded", special: list[Path] = ()) -> None:
+    def __init__(self, total: int, quiet: bool, verb: str = "embedded", special: list[Path] = (),
+                 shard: tuple[int, int] | None = None) -> None:
         self.verb = verb
+        self.shard = shard
         self.special = list(special)  # FIFOs, sockets, devices found in folders and not read
         self.done = self.failed = 0
         self.seconds = 0.0
@@ -261,7 +319,8 @@ class _Run:
     def summary(self, skipped: int) -> str:
         elapsed = time.perf_counter() - self.started
         return (
-            f"{self.done} {self.verb} ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
+            (f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard else "")
+            + f"{self.done} {self.verb} ({self.seconds / 3600:.2f} h of audio in {elapsed:.1f} s), "
             + (f"{skipped} skipped (outputs exist), " if skipped is not None else "") + f"{self.failed} failed"
             + (f", {len(self.special)} skipped as not regular files (FIFOs, sockets or devices; first: "
                f"{str(self.special[0])!r})" if self.special else "")
@@ -341,10 +400,13 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
               help="Output file for a single input (.npz or .pt).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format [default: npz].")
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (default: skip them, so a rerun resumes).")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Embed only the K-th of N parts of the sorted inputs (array jobs: K = 1..N). Under torchrun, "
+              "each process takes its part from RANK and WORLD_SIZE by itself.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
 @one_line_errors
 def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batch_size, num_workers, output_dir, output,
-          fmt, overwrite, quiet) -> None:
+          fmt, overwrite, shard, quiet) -> None:
     """Embed audio files with an ATST model.
 
     INPUTS are audio files, folders (searched recursively for audio files) or glob patterns
@@ -372,6 +434,8 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
             if path in owners:
                 raise click.UsageError(f"{str(owners[path].path)!r} and {str(item.path)!r} would both write {str(path)!r}")
             owners[path] = item
+    part, parts, device = _shard(shard, device)
+    items = sorted(items, key=lambda item: os.fsencode(item.path))[part - 1 :: parts]
     todo = [item for item in items if overwrite or not all(p.exists() for p in output_files(bases[item], fmt, keys))]
     skipped = len(items) - len(todo)
     if todo:  # before the progress bar, which a first download's own bar would interleave with
@@ -381,7 +445,7 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
         n_blocks = n_blocks or model.depth
         if n_blocks > model.depth:
             raise click.UsageError(f"--n-blocks {n_blocks} exceeds the model's {model.depth} blocks")
-    run = _Run(len(todo), quiet, special=special)
+    run = _Run(len(todo), quiet, special=special, shard=(part, parts) if parts > 1 else None)
     if not todo:
         run.bar.close()
         if not quiet:
@@ -394,7 +458,7 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
 
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        batch, windows = [], 0
+        pool, windows, pool_bytes = [], 0, 0
         for item, result in run.decoded(todo, num_workers):
             frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
             if level != "clip" and frame_bytes > STREAM_BYTES:
@@ -405,13 +469,16 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
                 else:
                     run.succeeded(len(result) / SAMPLE_RATE)
                 continue
-            batch.append((item, result))
-            windows += 1 + len(result) // 160_000
-            if windows >= batch_size:
-                _embed_batch(model, batch, level, n_blocks, batch_size, write, run)
-                batch, windows = [], 0
-        if batch:
-            _embed_batch(model, batch, level, n_blocks, batch_size, write, run)
+            # A pool of several batches' worth of files goes to the model at once: it sorts their
+            # windows by length into batches, so short files are padded little.
+            pool.append((item, result))
+            windows += 1 + len(result) // (SAMPLE_RATE * 10)
+            pool_bytes += frame_bytes if level != "clip" else 0
+            if windows >= POOL_BATCHES * batch_size or pool_bytes >= STREAM_BYTES:
+                _embed_batch(model, pool, level, n_blocks, batch_size, write, run)
+                pool, windows, pool_bytes = [], 0, 0
+        if pool:
+            _embed_batch(model, pool, level, n_blocks, batch_size, write, run)
     except KeyboardInterrupt:
         run.bar.close()
         click.echo(f"interrupted: {run.summary(skipped)}; rerun the same command to finish", err=True)

@@ -120,9 +120,40 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self._packed: tuple[tuple, Tensor] | None = None  # fc1's weight in oneDNN's layout, and what it was packed from
 
     def forward(self, x: Tensor) -> Tensor:
+        if _can_fuse_gelu(x, self.fc1.weight) and not self.training:
+            hidden = _fused_linear_gelu(x, self._packed_fc1(), self.fc1.bias)
+            if hidden is not None:
+                return self.fc2(hidden)
         return self.fc2(self.act(self.fc1(x)))
+
+    def _packed_fc1(self) -> Tensor:
+        weight = self.fc1.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048))
+        return self._packed[1]
+
+
+# bfloat16 inference on CPU: fc1 and GELU as one oneDNN call (the GELU runs on the float32
+# accumulator, no separate pass over the [tokens, 4 D] activations): about 7 % of a base forward.
+# PyTorch's compiler uses the same operator; any failure falls back to the plain path for good.
+_FUSED_GELU = {"available": hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()}
+
+
+def _can_fuse_gelu(x: Tensor, weight: Tensor) -> bool:
+    return (_FUSED_GELU["available"] and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and weight.requires_grad))
+
+
+def _fused_linear_gelu(x: Tensor, packed: Tensor, bias: Tensor) -> Tensor | None:
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
+    except (RuntimeError, TypeError, AttributeError):
+        _FUSED_GELU["available"] = False
+        return None
 
 
 class Block(nn.Module):
