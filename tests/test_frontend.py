@@ -119,3 +119,15 @@ def test_mel_filterbank_matches_torchaudio():
     ref = torchaudio.functional.melscale_fbanks(513, 60.0, 7800.0, 64, 16000, norm=None, mel_scale="htk")
     # torchaudio builds the filters in float32, we in float64: weights in [0, 1] agree to float32 rounding.
     torch.testing.assert_close(mel_filterbank(FrontendConfig()), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [513, 1000, 1024, 1025, 160_000, 960_000, 960_037, 960_511, 1_920_005])
+def test_unpadded_batches_take_the_slice_path_with_the_same_result(samples):
+    """Batches whose items all fill the tensor are sliced and mirrored at the edges only; the
+    per-item gather path (used when items are padded) gives the same spectrogram, bit for bit."""
+    frontend = LogMelFrontend()
+    waves = torch.randn(2, samples, generator=torch.Generator().manual_seed(samples)) * 0.1
+    fast, _ = frontend(waves)
+    padded = torch.nn.functional.pad(waves, (0, 1))  # one padded column forces the gather path
+    general, _ = frontend(padded, torch.tensor([samples, samples]))
+    assert torch.equal(fast, general[:, :, : fast.shape[2]])

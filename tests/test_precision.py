@@ -107,27 +107,30 @@ def test_hear_precision_option(frame_small_ckpt):
     assert scene.dtype == torch.float32 and scene.shape == (1, model.scene_embedding_size)
 
 
-def test_fused_gelu_equals_the_plain_path_and_follows_weight_changes(frame_small_ckpt, monkeypatch):
+def test_fused_inference_equals_the_plain_path_and_follows_weight_changes(frame_small_ckpt, monkeypatch):
     model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16")
-    if not encoder_module._FUSED_GELU["available"]:
+    if not encoder_module._ONEDNN["available"]:
         pytest.skip("this torch build has no oneDNN linear-pointwise operator")
     fused = model.get_frame_embeddings(AUDIO[1])[0][0]
     mlp = model.encoder.blocks[-1].mlp
-    assert mlp._packed is not None  # the fused path ran
-    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", False)
+    assert hasattr(mlp.fc1, "_onednn_weight")  # the fused path ran
+    monkeypatch.setitem(encoder_module._ONEDNN, "available", False)
     plain = model.get_frame_embeddings(AUDIO[1])[0][0]
     assert min_frame_cosine([fused], [plain]) >= 0.9999
-    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", True)
+    monkeypatch.setitem(encoder_module._ONEDNN, "available", True)
     with torch.no_grad():
         mlp.fc1.weight.mul_(0.5)  # in place: the packed copy must follow
     changed = model.get_frame_embeddings(AUDIO[1])[0][0]
-    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", False)
+    monkeypatch.setitem(encoder_module._ONEDNN, "available", False)
     assert min_frame_cosine([changed], [model.get_frame_embeddings(AUDIO[1])[0][0]]) >= 0.9999
     assert min_frame_cosine([changed], [plain]) < 0.9999
 
 
-def test_fused_gelu_failure_falls_back_for_good(monkeypatch):
-    monkeypatch.setitem(encoder_module._FUSED_GELU, "available", True)
-    x = torch.zeros(2, 5, 8, dtype=torch.bfloat16)
-    assert encoder_module._fused_linear_gelu(x, torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3)) is None
-    assert encoder_module._FUSED_GELU["available"] is False
+def test_fused_failure_falls_back_for_good(monkeypatch):
+    monkeypatch.setitem(encoder_module._ONEDNN, "available", True)
+    config = encoder_module.EncoderConfig(cls_token=False, embed_dim=64, depth=1, num_heads=2, mlp_hidden_dim=128)
+    block = encoder_module.Block(config, 0.0).eval().to(torch.bfloat16)
+    block.mlp.fc2 = torch.nn.Linear(3, 3).to(torch.bfloat16)  # wrong width: the oneDNN call fails
+    with torch.inference_mode():
+        assert block._forward_onednn(torch.zeros(1, 4, 64, dtype=torch.bfloat16), None) is None
+    assert encoder_module._ONEDNN["available"] is False

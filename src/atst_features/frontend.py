@@ -124,7 +124,13 @@ class LogMelFrontend(torch.nn.Module):
         """Samples ``start:stop`` of every item reflect-padded by ``n_fft // 2`` at its start and at its
         own end (what ``torch.stft(center=True)`` pads), built per segment: no padded copy of a long input."""
         pad = self.config.n_fft // 2
-        index = torch.arange(start - pad, stop - pad, device=waveforms.device)[None, :].expand(len(waveforms), -1)
+        first, last_sample, width = start - pad, stop - pad, waveforms.shape[1]
+        segment = waveforms[:, max(first, 0) : min(last_sample, width)]
+        edges = (max(0, -first), max(0, last_sample - width))
+        if segment.shape[1] > max(edges) and bool((n_samples == width).all()):
+            # No item is padded: a slice, mirrored at the signal's edges only (a fast path).
+            return torch.nn.functional.pad(segment[:, None], edges, mode="reflect")[:, 0] if any(edges) else segment
+        index = torch.arange(first, last_sample, device=waveforms.device)[None, :].expand(len(waveforms), -1)
         last = (n_samples - 1)[:, None]
         index = torch.where(index < 0, -index, index)  # left edge: x[1], x[2], ... mirrored
         index = torch.where(index > last, 2 * last - index, index)  # right edge: x[N-2], x[N-3], ...
