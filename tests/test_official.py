@@ -197,3 +197,28 @@ def test_registry_names_the_authors_links():
     assert links["atst-frame-base"] == "https://drive.google.com/uc?export=download&id=1bGJSZWlAIIJ6GL5Id5dW0PTB72DL-QDQ"
     assert all(not REGISTRY[name].published for name in links)  # until our Hub repositories are pinned
     assert REGISTRY["atst-c2f-base"].download_url is None  # the authors publish no C2F file
+
+
+def test_concurrent_first_loads_download_once(cache, tmp_path, monkeypatch):
+    """Two loads at once (threads here; processes alike: the lock is a file lock) share one download."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    checkpoint = tiny_checkpoint(tmp_path / "small.ckpt", seed=7)
+    with DownloadServer({"small.ckpt": checkpoint.read_bytes()}) as server:
+        official_entry(monkeypatch, "atst-clip-small", f"{server.url}/direct/small.ckpt")
+        with ThreadPoolExecutor(2) as pool:
+            folders = list(pool.map(lambda _: fetch_official(REGISTRY["atst-clip-small"]), range(2)))
+        assert folders[0] == folders[1] and len(server.file_requests()) == 1
+
+
+def test_an_interrupted_call_is_resumed_by_the_next(cache, tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint(tmp_path / "small.ckpt", seed=8)
+    data = checkpoint.read_bytes()
+    monkeypatch.setattr("atst_features.official.ATTEMPTS", 1)  # this call gives up after one cut
+    with DownloadServer({"small.ckpt": data}) as server:
+        entry = official_entry(monkeypatch, "atst-clip-small", f"{server.url}/direct/small.ckpt")
+        server.truncate_next = True
+        with pytest.raises(DownloadError, match=rf"{len(data) // 2:,} bytes are kept in .*next attempt resumes"):
+            fetch_official(entry)
+        assert torch.equal(frames(load_model("atst-clip-small", device="cpu")), frames(load_model(checkpoint, device="cpu")))
+        assert server.file_requests()[-1][1] == f"bytes={len(data) // 2}-"
