@@ -174,7 +174,7 @@ class LogMelFrontend(torch.nn.Module):
                 center=False,
                 return_complex=True,
             )
-            power = spec.real.square() + spec.imag.square()  # [B, n_freqs, frames]
+            power = spec.real.square().addcmul_(spec.imag, spec.imag)  # |X|^2 [B, n_freqs, frames], one temporary
             torch.matmul(filters.T, power, out=mel[:, :, first:last])
 
         # In place from here on: for an hour of audio each copy of `mel` would be about 90 MB.
