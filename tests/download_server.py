@@ -38,6 +38,7 @@ class DownloadServer(LocalServer):
         self.files = dict(files)
         self.requests: list[tuple[str, str | None]] = []
         self.truncate_next = False
+        self.direct_name: str | None = None  # a Content-Disposition file name for direct links
         super().__init__(_handler)
 
     def file_requests(self) -> list[tuple[str, str | None]]:
@@ -93,7 +94,7 @@ def _handler(server: DownloadServer):
             parts = urlsplit(self.path)
             query = {key: values[0] for key, values in parse_qs(parts.query).items()}
             if parts.path.startswith("/direct/") and parts.path[len("/direct/"):] in server.files:
-                return self._file(server.files[parts.path[len("/direct/"):]])
+                return self._file(server.files[parts.path[len("/direct/"):]], filename=server.direct_name)
             if parts.path == "/uc" and query.get("id") in server.files:
                 return self._page(CONFIRM_PAGE.format(action=f"{server.url}/download", id=query["id"], uuid=server.uuid))
             if parts.path == "/download" and query.get("id") in server.files:

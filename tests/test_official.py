@@ -222,3 +222,17 @@ def test_an_interrupted_call_is_resumed_by_the_next(cache, tmp_path, monkeypatch
             fetch_official(entry)
         assert torch.equal(frames(load_model("atst-clip-small", device="cpu")), frames(load_model(checkpoint, device="cpu")))
         assert server.file_requests()[-1][1] == f"bytes={len(data) // 2}-"
+
+
+@pytest.mark.parametrize("name", ["download.json", "model", "../../escape.ckpt", ".lock"])
+def test_server_file_names_cannot_touch_the_cache(cache, tmp_path, monkeypatch, name):
+    checkpoint = tiny_checkpoint(tmp_path / "small.ckpt", seed=9)
+    with DownloadServer({"small.ckpt": checkpoint.read_bytes()}) as server:
+        server.direct_name = name
+        entry = official_entry(monkeypatch, "atst-clip-small", f"{server.url}/direct/small.ckpt")
+        model = load_model("atst-clip-small", device="cpu")
+    home = official_folder(entry)
+    assert sorted(p.name for p in home.iterdir()) == [".lock", "download.json", "model"]
+    assert json.loads((home / "download.json").read_text())["weights_sha256"] == sha256_of(home / "model" / "model.safetensors")
+    assert torch.equal(frames(model), frames(load_model(checkpoint, device="cpu")))
+    assert not (tmp_path / "escape.ckpt").exists()

@@ -38,6 +38,7 @@ __all__ = ["fetch_official", "official_folder"]
 
 RECORD_NAME = "download.json"
 MODEL_FOLDER = "model"
+SOURCE_FOLDER = "source"  # the downloaded checkpoint, under the server's name, while it is converted
 PARTIAL_NAME = "checkpoint.partial"
 CHUNK_BYTES = 1 << 20
 MAX_BYTES = 8 << 30  # no ATST checkpoint is near this; a server sending more is refused
@@ -109,19 +110,25 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
             f"{previous['source_sha256']} (recorded in {str(home / RECORD_NAME)!r}): the file was replaced or altered "
             f"on its way; not used. If you trust the new file, delete {str(home)!r} and load again"
         )
-    named = checkpoint.with_name(file_name)
-    checkpoint.rename(named)
+    # The server's file name (provenance) in a folder of its own: no name can clash with the cache's files.
+    named = home / SOURCE_FOLDER / file_name
+    named.parent.mkdir(exist_ok=True)
+    checkpoint.replace(named)
+    staging = home / f".{MODEL_FOLDER}.{os.getpid()}"
     try:
-        done = convert_checkpoint(named, home / MODEL_FOLDER, license=entry.license, overwrite=True,
+        done = convert_checkpoint(named, staging, license=entry.license, overwrite=True,
                                   provenance={"source_url": entry.download_url, "registry_name": entry.name})
+        if done.model.kind != entry.kind:
+            raise DownloadError(
+                f"{entry.download_url}: holds an ATST-{done.model.kind} model, not the {entry.kind} model "
+                f"{entry.name!r} names; not used (please report it)"
+            )
+        if (home / MODEL_FOLDER).exists():
+            shutil.rmtree(home / MODEL_FOLDER)
+        staging.rename(home / MODEL_FOLDER)
     finally:
-        named.unlink(missing_ok=True)
-    if done.model.kind != entry.kind:
-        shutil.rmtree(done.folder)
-        raise DownloadError(
-            f"{entry.download_url}: holds an ATST-{done.model.kind} model, not the {entry.kind} model {entry.name!r} "
-            "names; not used (please report it)"
-        )
+        shutil.rmtree(named.parent, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     record = {
         "name": entry.name,
         "url": entry.download_url,
@@ -131,10 +138,10 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
         "weights_sha256": done.weights_sha256,
         "downloaded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    staging = home / f".{RECORD_NAME}.{os.getpid()}"
-    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    staging.replace(home / RECORD_NAME)
-    return done.folder
+    written = home / f".{RECORD_NAME}.{os.getpid()}"
+    written.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    written.replace(home / RECORD_NAME)
+    return home / MODEL_FOLDER
 
 
 # ------------------------------------------------------------------------------------------ HTTP
