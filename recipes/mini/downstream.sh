@@ -27,10 +27,11 @@ finetune() {  # NAME [ARGS...]: one fine-tuning run in its own folder; prints th
 }
 python - "$run/random-mini" <<'PY'
 import sys, torch
-from atst_features import load_model
+from atst_features import load_model, save_pretrained
 from atst_features.model import ATSTModel
 torch.manual_seed(0)
-ATSTModel(load_model("atst-frame-mini", device="cpu").config).save_pretrained(sys.argv[1], provenance={"source_file": "random weights, seed 0"})
+random_model = ATSTModel(load_model("atst-frame-mini", device="cpu").config)
+save_pretrained(random_model, sys.argv[1], provenance={"source_file": "random weights, seed 0"})
 PY
 finetune pretrained
 finetune pretrained-seed1 --seed_everything 1
