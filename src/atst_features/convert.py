@@ -65,18 +65,20 @@ def convert_checkpoint(
     license: str = DEFAULT_LICENSE,
     provenance: dict | None = None,
     overwrite: bool = False,
+    source_sha256: str | None = None,
 ) -> Conversion:
     """Convert a checkpoint file (any layout :func:`~atst_features.load_model` reads) into a folder in
     our format at ``out_dir``, written beside it first and renamed into place once verified.
 
     ``provenance``: extra fields for ``config.json`` (the source file's name, sha256, layout and
-    hyperparameters are always recorded). :class:`InputError` if ``out_dir`` is not empty and
-    ``overwrite`` is false; :class:`CheckpointError` if the source is not a checkpoint.
+    hyperparameters are always recorded; ``source_sha256``: the file's digest when the caller has it
+    already). :class:`InputError` if ``out_dir`` is not empty and ``overwrite`` is false;
+    :class:`CheckpointError` if the source is not a checkpoint.
     """
     source, out_dir = Path(source), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{str(out_dir)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    source_sha256 = sha256_of(source)
+    source_sha256 = source_sha256 or sha256_of(source)
     contents = read_checkpoint(source)
     model = build_model(contents)
     provenance = {

@@ -296,7 +296,8 @@ class ATSTEncoder(nn.Module):
         if n_tokens is not None or aligned != length:
             valid = torch.full((batch,), n_patches, device=x.device) if n_tokens is None else n_tokens.to(x.device)
             key_mask = torch.arange(aligned, device=x.device)[None, :] < (valid + cfg.n_special)[:, None]
-            x = F.pad(x, (0, 0, 0, aligned - length))  # padded tokens: masked keys, outputs dropped
+            if aligned != length:
+                x = F.pad(x, (0, 0, 0, aligned - length))  # padded tokens: masked keys, outputs dropped
 
         special = cfg.n_special
         tokens, cls_out, prompts = [], [], []

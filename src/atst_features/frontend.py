@@ -120,14 +120,15 @@ class LogMelFrontend(torch.nn.Module):
             )
         return self._constants[device]
 
-    def _padded_segment(self, waveforms: Tensor, n_samples: Tensor, start: int, stop: int) -> Tensor:
+    def _padded_segment(self, waveforms: Tensor, n_samples: Tensor, start: int, stop: int, unpadded: bool) -> Tensor:
         """Samples ``start:stop`` of every item reflect-padded by ``n_fft // 2`` at its start and at its
-        own end (what ``torch.stft(center=True)`` pads), built per segment: no padded copy of a long input."""
+        own end (what ``torch.stft(center=True)`` pads), built per segment: no padded copy of a long input.
+        ``unpadded``: every item fills the tensor (``n_samples == width``)."""
         pad = self.config.n_fft // 2
         first, last_sample, width = start - pad, stop - pad, waveforms.shape[1]
         segment = waveforms[:, max(first, 0) : min(last_sample, width)]
         edges = (max(0, -first), max(0, last_sample - width))
-        if segment.shape[1] > max(edges) and bool((n_samples == width).all()):
+        if unpadded and segment.shape[1] > max(edges):
             # No item is padded: a slice, mirrored at the signal's edges only (a fast path).
             return torch.nn.functional.pad(segment[:, None], edges, mode="reflect")[:, 0] if any(edges) else segment
         index = torch.arange(first, last_sample, device=waveforms.device)[None, :].expand(len(waveforms), -1)
@@ -151,10 +152,10 @@ class LogMelFrontend(torch.nn.Module):
         if n_samples is None:
             n_samples = torch.full((batch,), width, dtype=torch.long, device=device)
         n_samples = n_samples.to(device=device, dtype=torch.long)
-        if int(n_samples.min()) < self.min_samples:
+        shortest = int(n_samples.min())
+        if shortest < self.min_samples:
             raise ValueError(
-                f"every waveform needs at least {self.min_samples} samples for the centred STFT; "
-                f"got {int(n_samples.min())}"
+                f"every waveform needs at least {self.min_samples} samples for the centred STFT; got {shortest}"
             )
         window, filters = self._window_and_filters(device)
         waveforms = waveforms.to(torch.float32)
@@ -164,7 +165,7 @@ class LogMelFrontend(torch.nn.Module):
         for first in range(0, total_frames, self.frames_per_block):
             last = min(first + self.frames_per_block, total_frames)
             segment = self._padded_segment(
-                waveforms, n_samples, first * cfg.hop_length, (last - 1) * cfg.hop_length + cfg.n_fft
+                waveforms, n_samples, first * cfg.hop_length, (last - 1) * cfg.hop_length + cfg.n_fft, shortest == width
             )
             spec = torch.stft(
                 segment,

@@ -151,10 +151,12 @@ class ATSTModel(nn.Module):
         if self.dtype != torch.float32:
             raise InputError(f"precision={precision!r} needs float32 weights, these are {self.dtype}; load without dtype=")
         half, mixed = PRECISIONS[precision]
-        if half is not None:
-            for module in self.encoder.modules() if mixed else [self.encoder]:
-                if not mixed or isinstance(module, nn.Linear):
+        if mixed:
+            for module in self.encoder.modules():
+                if isinstance(module, nn.Linear):
                     module.to(half)
+        elif half is not None:
+            self.encoder.to(half)
         self.precision = precision
         return self
 

@@ -116,7 +116,7 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
     checkpoint.replace(named)
     staging = home / f".{MODEL_FOLDER}.{os.getpid()}"
     try:
-        done = convert_checkpoint(named, staging, license=entry.license, overwrite=True,
+        done = convert_checkpoint(named, staging, license=entry.license, overwrite=True, source_sha256=source_sha256,
                                   provenance={"source_url": entry.download_url, "registry_name": entry.name})
         if done.model.kind != entry.kind:
             raise DownloadError(
