@@ -181,6 +181,28 @@ def test_frame_freq_scale_option():
     assert module.crop.freq_scale == (1.0, 1.0) and list(module.hparams.freq_scale) == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("positions", [False, True])
+def test_frame_centred_targets(positions):
+    from atst_features.training.module import FramePretraining
+
+    small = dict(embed_dim=32, depth=1, num_heads=2, projector_hidden_dim=32, projector_out_dim=16)
+    torch.manual_seed(0)
+    module = FramePretraining(**small, center_targets=True, center_positions=positions)
+    plain = FramePretraining(**small)
+    plain.model.load_state_dict(module.model.state_dict())
+    views, mask = torch.randn(6, 64, 40), torch.ones(6, 10, dtype=torch.bool)  # every token a target
+    teacher = module.features(module.model.teacher, views, None, mask, student=False).view(6, 10, 32)
+    raw = plain.features(plain.model.teacher, views, None, mask, student=False).view(6, 10, 32)
+    expected = raw - raw.mean(dim=1, keepdim=True)  # each clip's mean token removed
+    if positions:
+        expected = expected - expected.mean(dim=0, keepdim=True)  # and each position's batch mean
+    torch.testing.assert_close(teacher, expected)
+    assert teacher.mean(dim=1).abs().max() < 1e-5 and teacher.abs().mean() > 0.1
+    # the student's tokens stay as they are
+    student = module.features(module.model.student, views, None, mask, student=True)
+    torch.testing.assert_close(student, plain.features(plain.model.student, views, None, mask, student=True))
+
+
 # ------------------------------------------------------------------ BYOL loss, EMA, diagnostics
 def test_byol_loss_values():
     z = torch.randn(10, 16)

@@ -116,6 +116,11 @@ def card(folder: Path, data: Path, run: Path, probe: dict, seconds: float, serie
         f"({mini['test']:.3f} against {random_['test']:.3f}, log-mel statistics {logmel['test']:.3f}; see Evaluation): "
         "the loss falls and nothing collapses, but at this scale the objective trades away information the probe needs."
     )
+    centred = [what for key, what in (("center_targets", "their clip mean"), ("center_positions", "the batch mean at each position"))
+               if hparams.get(key)]
+    centring = (" Not in the reference: the teacher's tokens minus " + " and ".join(centred) + " are the targets "
+                "(without it the frame features became constant within each clip and the probe fell as training went on)."
+                if centred else "")
     curve = sorted((checkpoint_step(r["model"]), r["test"]) for r in results if checkpoint_step(r["model"]) is not None)
     curve_text = ", ".join(f"{step}: {value:.3f}" for step, value in curve)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -158,7 +163,7 @@ token per 40 ms), {encoder["depth"]} transformer blocks of width {encoder["embed
 - Objective: the reference ATST-Frame recipe (fairseq span masks, Mixup with a memory bank on the
   student view, BYOL loss on masked frames, EMA teacher, cosine schedules of lr, weight decay and
   momentum, AdamW); the student view's random frequency crop is
-  {"off (`freq_scale: [1.0, 1.0]`)" if list(hparams.get("freq_scale", [0.6, 1.5])) == [1.0, 1.0] else "on, as the reference"}. Changed for a run about 500 times shorter than
+  {"off (`freq_scale: [1.0, 1.0]`)" if list(hparams.get("freq_scale", [0.6, 1.5])) == [1.0, 1.0] else "on, as the reference"}.{centring} Changed for a run about 500 times shorter than
   the paper's: 4 s crops, batch {preset["data"]["batch_size"]}, {hparams["max_steps"]} steps ({hparams["warmup_steps"]} warm-up), base learning rate
   {hparams["learning_rate"]} per 256 clips (peak {hparams["learning_rate"] * preset["data"]["batch_size"] / 256:.1e}), EMA base {hparams["ema"]}, heads
   {hparams["projector_hidden_dim"]} wide; the EMA teacher {"without DropPath (`teacher_eval`)" if hparams.get("teacher_eval") else "in training mode, as the reference"}.

@@ -192,6 +192,9 @@ class FramePretraining(ATSTPretraining):
     0.65); ``exact_mask_ratio``: non-overlapping spans masking ``mask_ratio`` of the tokens.
     ``freq_scale``: the student view's random frequency crop, as a share of the mel bins
     (the reference's ``(0.6, 1.5)``; ``[1.0, 1.0]`` turns it off: no invariance to spectral zoom).
+    ``center_targets`` (not in the reference): the teacher's tokens minus their clip mean enter
+    the heads, so a representation that is constant within a clip predicts nothing;
+    ``center_positions`` also removes the batch mean at each position (what position alone predicts).
     """
 
     cls_token = False
@@ -203,6 +206,8 @@ class FramePretraining(ATSTPretraining):
         min_spans: int = 2,
         exact_mask_ratio: bool = False,
         freq_scale: list[float] = [0.6, 1.5],  # noqa: B006 - read only; a list for the CLI
+        center_targets: bool = False,
+        center_positions: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -227,6 +232,10 @@ class FramePretraining(ATSTPretraining):
 
     def features(self, branch, views, n_tokens, mask, student):
         tokens = branch.encoder(views, n_tokens, token_mask=mask if student else None).tokens[0]
+        if self.hparams.center_targets and not student:
+            tokens = tokens - tokens.mean(dim=1, keepdim=True)
+        if self.hparams.center_positions and not student:
+            tokens = tokens - tokens.mean(dim=0, keepdim=True)
         return tokens[mask]
 
 
