@@ -210,3 +210,24 @@ def test_other_patch_sizes_are_refused(tmp_path, frame_encoder_state):
     state["patch_embed.patch_embed.weight"] = torch.zeros(384, 256 * 2)
     with pytest.raises(CheckpointError, match="64 x 4 patches"):
         load_model(save(tmp_path, state), device="cpu")
+
+
+def test_loaded_weights_own_aligned_memory(tmp_path):
+    """Safetensors tensors are views at any offset of one buffer; CPU kernels round differently at
+    other alignments, so a folder's model must hold aligned copies to give its source's outputs."""
+    from atst_features import save_pretrained
+    from atst_features.checkpoints import build_model
+    from atst_features.convert import same_outputs
+    from atst_features.encoder import EncoderConfig
+    from atst_features.model import ATSTModel, ModelConfig
+    from atst_features.pretrained import read_pretrained
+
+    encoder = EncoderConfig(cls_token=False, embed_dim=64, depth=2, num_heads=2, mlp_hidden_dim=256)
+    config = ModelConfig(kind="frame", encoder=encoder, num_classes=7, labels=tuple("abcdefg"), multi_label=False)
+    torch.manual_seed(0)
+    model = ATSTModel(config).eval()
+    save_pretrained(model, tmp_path / "folder")
+    loaded = build_model(read_pretrained(tmp_path / "folder"))
+    for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]:
+        assert not tensor.is_floating_point() or tensor.data_ptr() % 64 == 0, name
+    assert same_outputs(model, loaded)

@@ -313,13 +313,26 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     return parse_state_dict(state, _hyper_parameters(container), name=repr(str(path)))
 
 
+def _owned_float(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Floating tensors as float32, each in 64-byte-aligned memory of its own. Tensors read from a
+    file can be views at any offset of one buffer (safetensors), and CPU matmul kernels round
+    differently at other alignments: the same weights would then give outputs 1e-6 apart."""
+    owned = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            value = value.float()
+            if value.data_ptr() % 64 or value.untyped_storage().nbytes() != value.nbytes:
+                value = value.clone()
+        owned[key] = value
+    return owned
+
+
 def build_model(contents: CheckpointContents) -> ATSTModel:
     """The model of parsed checkpoint contents (float32, CPU, eval mode)."""
     with torch.device("meta"):
         model = ATSTModel(contents.config)
-    as_float = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
-    model.encoder.load_state_dict(as_float(contents.encoder_state), strict=True, assign=True)
+    model.encoder.load_state_dict(_owned_float(contents.encoder_state), strict=True, assign=True)
     if model.head is not None:
-        model.head.load_state_dict(as_float(contents.head_state), strict=True, assign=True)
+        model.head.load_state_dict(_owned_float(contents.head_state), strict=True, assign=True)
     model.provenance = {"source_layout": contents.layout, "hyper_parameters": contents.hyper_parameters}
     return model.eval()
