@@ -232,10 +232,11 @@ class FramePretraining(ATSTPretraining):
 
     def features(self, branch, views, n_tokens, mask, student):
         tokens = branch.encoder(views, n_tokens, token_mask=mask if student else None).tokens[0]
-        if self.hparams.center_targets and not student:
-            tokens = tokens - tokens.mean(dim=1, keepdim=True)
-        if self.hparams.center_positions and not student:
-            tokens = tokens - tokens.mean(dim=0, keepdim=True)
+        if not student:
+            if self.hparams.center_targets:
+                tokens = tokens - tokens.mean(dim=1, keepdim=True)
+            if self.hparams.center_positions:
+                tokens = tokens - tokens.mean(dim=0, keepdim=True)
         return tokens[mask]
 
 
