@@ -134,3 +134,19 @@ def test_fused_failure_falls_back_for_good(monkeypatch):
     with torch.inference_mode():
         assert block._forward_onednn(torch.zeros(1, 4, 64, dtype=torch.bfloat16), None) is None
     assert encoder_module._ONEDNN["available"] is False
+
+
+def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 16, generator=generator).bfloat16() for _ in range(3))
+    key_mask = torch.arange(70)[None, :] < torch.tensor([70, 41])[:, None]
+    assert encoder_module._matmul_attention_ready(q)
+    assert not encoder_module._matmul_attention_ready(q.float())  # float32 keeps PyTorch's kernel
+    assert not encoder_module._matmul_attention_ready(q.clone().requires_grad_())  # so does training
+    got = encoder_module._matmul_attention(q, k, v, key_mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=key_mask[:, None, None, :])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.01)  # the kernel in bf16: 0.0026
+    assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.999
+    k[1, :, 41:], v[1, :, 41:] = 100.0, -100.0  # masked keys: no influence at all
+    assert torch.equal(encoder_module._matmul_attention(q, k, v, key_mask), got)
