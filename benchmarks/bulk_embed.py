@@ -8,6 +8,7 @@ Writes N WAV files of 1-5 s (uniform, seeded) into a temporary folder, then meas
 and prints both in audio-seconds per second and their ratio, with the machine and matmul peaks.
 
     python benchmarks/bulk_embed.py [--files 2000] [--model base|mini|PATH] [--precision bf16] [--level clip]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from atst_features.encoder import EncoderConfig
 from atst_features.model import ATSTModel, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from embed_speed import machine, matmul_peaks  # noqa: E402
+from embed_speed import describe_peaks, machine, matmul_peaks  # noqa: E402
 
 
 def write_files(folder: Path, count: int, seed: int = 0) -> float:
@@ -63,11 +64,14 @@ def main() -> None:
     parser.add_argument("--level", default="clip", choices=["clip", "frame", "both"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
-    fp32, bf16 = matmul_peaks()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, matmul peaks: fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name(device)}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {describe_peaks(matmul_peaks(device))}")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         data = scratch / "data"
@@ -77,7 +81,7 @@ def main() -> None:
         print(f"{args.files} files, {seconds / 3600:.2f} h of audio; model {args.model}, precision {args.precision}, "
               f"level {args.level}, batch {args.batch_size}")
 
-        model = load_model(source, device="cpu", precision=args.precision)
+        model = load_model(source, device=device, precision=args.precision)
         waves = [load_audio(path)[0] for path in sorted(data.glob("*.wav"))]
         method = {"clip": model.get_clip_embedding, "frame": model.get_frame_embeddings, "both": model.get_embeddings}[args.level]
         pool = POOL_BATCHES * args.batch_size
@@ -85,10 +89,12 @@ def main() -> None:
         start = time.perf_counter()
         for first in range(0, len(waves), pool):
             method(waves[first : first + pool], batch_size=args.batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         model_only = seconds / (time.perf_counter() - start)
 
         command = [sys.executable, "-m", "atst_features", str(data), "-d", str(scratch / "out"), "--model", source,
-                   "--device", "cpu", "--precision", args.precision, "--level", args.level,
+                   "--device", args.device, "--precision", args.precision, "--level", args.level,
                    "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         summary = result.stderr.strip().splitlines()[-1]

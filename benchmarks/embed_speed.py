@@ -2,11 +2,12 @@
 official code, the official frame-embedding path, measured side by side in one run.
 
 Frame embeddings of all 12 blocks of ATST-Frame (random weights: speed does not depend on their
-values) on 8 x 10 s and 1 x 60 s, best of ``--repeats``. Printed with every figure: the machine, the
-torch version and threads, and the fp32 and bf16 matmul peaks measured in the same run (CPUs here
-differ, and shared machines vary from hour to hour, so compare ratios, not absolute figures). The
-"% of peak" column divides the model's floating-point work (about 4.5 GFLOP per audio-second for
-base) by the time and by the peak of the precision's matmul dtype. "cosine" is the minimum per-frame
+values) on ``--workloads`` (default 8 x 10 s and 1 x 60 s; on a GPU also batches of 32-256 windows),
+best of ``--repeats``. Printed with every figure: the machine, the torch version and threads, and the
+matmul peaks of fp32, bf16 (and fp16 on CUDA) measured in the same run (CPUs here differ, and shared
+machines vary from hour to hour, so compare ratios, not absolute figures). The "% of peak" column
+divides the model's floating-point work (about 4.5 GFLOP per audio-second for base) by the time and
+by the peak of the precision's matmul dtype. "cosine" is the minimum per-frame
 cosine similarity to our fp32 frames.
 
 The official path (``--reference PATH``, a checkout of github.com/Audio-WestlakeU/audiossl; its code
@@ -15,16 +16,19 @@ get_timestamp_embedding`` does: torchaudio's MelSpectrogram and AmplitudeToDB, M
 ``FrameAST.get_intermediate_layers(n=12, scene=False)`` on 1001-frame chunks.
 
     python benchmarks/embed_speed.py [--reference ~/audiossl] [--size base] [--threads 2] [--device cpu|cuda]
+        [--workloads 8x10,1x60]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
 import time
 import types
+from functools import partial
 
 import numpy as np
 import torch
@@ -65,14 +69,32 @@ def timed(run, repeats: int, device: torch.device = CPU) -> float:
     return best
 
 
-def matmul_peaks(device: torch.device = CPU, size: int = 2048) -> tuple[float, float]:
-    """fp32 and bf16 matmul throughput (GFLOP/s) of square ``size`` products, best of 5."""
-    peaks = []
-    for dtype in (torch.float32, torch.bfloat16):
+def matmul_peaks(device: torch.device = CPU) -> dict[torch.dtype, float]:
+    """Matmul throughput (GFLOP/s) per dtype of square products (2048 on CPU, 8192 on GPU), best of 5:
+    fp32 and bf16, and fp16 on CUDA."""
+    size = 8192 if device.type == "cuda" else 2048
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())
+    peaks = {}
+    for dtype in dtypes:
         a = torch.randn(size, size, dtype=dtype, device=device)
         b = torch.randn(size, size, dtype=dtype, device=device)
-        peaks.append(2 * size**3 / timed(lambda a=a, b=b: a @ b, 5, device) / 1e9)
-    return peaks[0], peaks[1]
+        peaks[dtype] = 2 * size**3 / timed(lambda a=a, b=b: a @ b, 5, device) / 1e9
+    return peaks
+
+
+def describe_peaks(peaks: dict[torch.dtype, float]) -> str:
+    fp32 = peaks[torch.float32]
+    return "matmul peaks: " + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s ({peak / fp32:.1f}x)"
+                                        for dtype, peak in peaks.items())
+
+
+def parse_workloads(text: str) -> dict[str, tuple[int, float]]:
+    """``"8x10,1x60"`` -> {"8 x 10 s": (8, 10.0), "1 x 60 s": (1, 60.0)}."""
+    workloads = {}
+    for item in text.split(","):
+        count, _, seconds = item.strip().partition("x")
+        workloads[f"{int(count)} x {float(seconds):g} s"] = (int(count), float(seconds))
+    return workloads
 
 
 def flop_per_audio_second(config: EncoderConfig, tokens: int = 250) -> float:
@@ -123,6 +145,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default=None, help="comma-separated COUNTxSECONDS (default: 8x10,1x60; "
+                        "on CUDA 8x10,32x10,128x10,256x10,1x60)")
+    parser.add_argument("--batch-size", type=int, default=None, help="our windows per encoder pass (default: all "
+                        "windows of the workload, at least 32; the official loop passes the whole batch at once)")
     parser.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16,bf16-mixed; "
                         "on CUDA also fp16,fp16-mixed)")
     args = parser.parse_args()
@@ -133,25 +159,23 @@ def main() -> None:
     print(f"machine: {machine()}")
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(device)}")
-    fp32_peak, bf16_peak = matmul_peaks(device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; "
-          f"matmul peaks: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s ({bf16_peak / fp32_peak:.1f}x)")
+    workloads = parse_workloads(args.workloads or ("8x10,32x10,128x10,256x10,1x60" if device.type == "cuda" else "8x10,1x60"))
+    peaks = matmul_peaks(device)
+    fp32_peak = peaks[torch.float32]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; {describe_peaks(peaks)}")
     rng = np.random.default_rng(0)
-    workloads = {
-        "8 x 10 s": torch.from_numpy((0.1 * rng.standard_normal((8, 160_000))).astype(np.float32)),
-        "1 x 60 s": torch.from_numpy((0.1 * rng.standard_normal((1, 960_000))).astype(np.float32)),
-    }
     config = EncoderConfig.of_size(args.size, cls_token=False)
     work = flop_per_audio_second(config)
     print(f"ATST-Frame {args.size}: {work / 1e9:.2f} GFLOP per audio-second; frame embeddings of all 12 blocks; "
           f"best of {args.repeats}")
     torch.manual_seed(0)
     state = ATSTModel(ModelConfig("frame", config)).state_dict()
-    header = f"{'workload':<9} {'path':<21} {'audio-s/s':>10} {'vs official fp32':>17} {'% of peak':>10} {'cosine':>8}"
+    header = f"{'workload':<11} {'path':<21} {'audio-s/s':>10} {'vs official fp32':>17} {'% of peak':>10} {'cosine':>8}"
     print(header)
     print("-" * len(header))
     reference = reference_runner(args.reference, args.size, device) if args.reference else None
-    for name, audio in workloads.items():
+    for name, (count, duration) in workloads.items():
+        audio = torch.from_numpy((0.1 * rng.standard_normal((count, round(duration * 16000)))).astype(np.float32))
         seconds = audio.numel() / 16000
         audio = audio.to(device)
         rows, baseline, fp32_frames = [], None, None
@@ -163,16 +187,18 @@ def main() -> None:
             model = ATSTModel(ModelConfig("frame", config))
             model.load_state_dict(state)
             model = model.to(device).eval().set_precision(precision)
-            elapsed = timed(lambda model=model, audio=audio: model.get_frame_embeddings(audio), args.repeats, device)
-            frames = model.get_frame_embeddings(audio)[0].float()
+            embed = partial(model.get_frame_embeddings, audio, batch_size=args.batch_size or max(32, count * math.ceil(duration / 10)))
+            elapsed = timed(embed, args.repeats, device)
+            frames = embed()[0].float()
             if precision == "fp32":
                 fp32_frames = frames
             cosine = None if fp32_frames is None else torch.nn.functional.cosine_similarity(frames, fp32_frames, dim=-1).min().item()
             half, _ = PRECISIONS[precision]
-            rows.append((f"ours {precision}", seconds / elapsed, fp32_peak if half is None else bf16_peak, cosine))
+            rows.append((f"ours {precision}", seconds / elapsed, peaks[half or torch.float32], cosine))
+            del model
         for path, speed, peak, cosine in rows:
             versus = f"{speed / baseline:.2f}x" if baseline else "-"
-            print(f"{name:<9} {path:<21} {speed:>10.1f} {versus:>17} {100 * speed * work / 1e9 / peak:>9.0f}% "
+            print(f"{name:<11} {path:<21} {speed:>10.1f} {versus:>17} {100 * speed * work / 1e9 / peak:>9.0f}% "
                   f"{'-' if cosine is None else f'{cosine:.5f}':>8}")
 
 

@@ -250,7 +250,7 @@ def test_iter_frame_embeddings_equals_get_frame_embeddings(frame_small):
     pieces = [next(stream)]
     assert not torch.is_inference_mode_enabled()  # not leaked to the caller between pieces
     pieces += list(stream)
-    assert [first for first, _, _ in pieces] == [0, 250, 500, 750]
+    assert [first for first, _, _ in pieces] == [0, 500]  # one piece per batch of 2 windows
     torch.testing.assert_close(torch.cat([p for _, p, _ in pieces]), whole[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.cat([t for _, _, t in pieces]), stamps[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="takes one clip"):
@@ -288,3 +288,29 @@ def test_get_embeddings_equals_the_separate_calls(model, as_list):
         assert torch.equal(a, b)
     for a, b in zip(stamps, stamps_alone):
         assert torch.equal(a, b)
+
+
+def test_the_gpu_frame_writing_path_gives_the_same_frames(frame_small, monkeypatch):
+    """GPUs write a batch's frames with one gather per block (model._gathers_frames); run that path
+    on the CPU and compare it with the per-window copies, for a batch, a list and a stream."""
+    import atst_features.model as model_module
+
+    clips = [waveform(seconds, 20 + i) for i, seconds in enumerate([23.0, 1.3, 10.0, 4.2])]
+    batch = np.stack([waveform(12.5, 30), waveform(12.5, 31)])
+    copied = (frame_small.get_frame_embeddings(batch, n_blocks=3, batch_size=3)[0],
+              frame_small.get_frame_embeddings(clips, n_blocks=3, batch_size=3)[0],
+              list(frame_small.iter_frame_embeddings(clips[0], n_blocks=2, batch_size=2)))
+    monkeypatch.setattr(model_module, "_gathers_frames", lambda device: True)
+    gathered = (frame_small.get_frame_embeddings(batch, n_blocks=3, batch_size=3)[0],
+                frame_small.get_frame_embeddings(clips, n_blocks=3, batch_size=3)[0],
+                list(frame_small.iter_frame_embeddings(clips[0], n_blocks=2, batch_size=2)))
+    torch.testing.assert_close(gathered[0], copied[0], rtol=0, atol=0)
+    assert [f.shape[0] for f in gathered[1]] == [575, 32, 250, 105]
+    for mine, theirs in zip(gathered[1], copied[1]):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    # List items own their storage (torch.save of one item writes that item only).
+    assert len({f.untyped_storage().data_ptr() for f in gathered[1]}) == 4
+    assert [first for first, _, _ in gathered[2]] == [first for first, _, _ in copied[2]] == [0, 500]
+    for (_, mine, stamps), (_, theirs, their_stamps) in zip(gathered[2], copied[2]):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(stamps, their_stamps, rtol=0, atol=0)

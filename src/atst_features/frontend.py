@@ -151,8 +151,8 @@ class LogMelFrontend(torch.nn.Module):
         device = waveforms.device
         if n_samples is None:
             n_samples = torch.full((batch,), width, dtype=torch.long, device=device)
+        shortest = int(n_samples.min())  # a CPU tensor of lengths costs no device synchronisation here
         n_samples = n_samples.to(device=device, dtype=torch.long)
-        shortest = int(n_samples.min())
         if shortest < self.min_samples:
             raise ValueError(
                 f"every waveform needs at least {self.min_samples} samples for the centred STFT; got {shortest}"
@@ -183,9 +183,12 @@ class LogMelFrontend(torch.nn.Module):
         db = mel.clamp_(min=amin).log10_().mul_(10.0)
         n_frames = self.n_frames(n_samples)
         silence = 10.0 * math.log10(amin)  # what digital silence becomes, unless the floor is higher
-        for row, frames in enumerate(n_frames.tolist()):
-            floor = db[row, :, :frames].max() - cfg.top_db
-            db[row, :, :frames].clamp_(min=floor)
-            db[row, :, frames:] = torch.clamp(floor, min=silence)
+        # Per item: floor = its loudest valid bin - top_db; frames past its end hold max(floor, silence).
+        # Vectorised over the batch (no per-item loop: a GPU would launch kernels per item).
+        valid = torch.arange(total_frames, device=device)[None, :] < n_frames[:, None]  # [B, frames]
+        floor = db.amax(dim=1).masked_fill_(~valid, -math.inf).amax(dim=1)[:, None, None] - cfg.top_db
+        torch.maximum(db, floor, out=db)
+        if shortest < width:  # some item is padded
+            torch.where(valid[:, None, :], db, floor.clamp(min=silence), out=db)
         normalised = db.sub_(cfg.db_min).div_(cfg.db_max - cfg.db_min).mul_(2.0).sub_(1.0)
         return normalised, n_frames

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator, NamedTuple
 
 import torch
@@ -104,6 +105,26 @@ class _Window(NamedTuple):
     item: int  # index of the waveform in the call
     first_frame: int  # first spectrogram frame of the window in its item
     n_frames: int  # valid frames in the window
+
+
+def _gathers_frames(device: torch.device) -> bool:
+    """Whether frame embeddings are written with one gather per block for a whole batch of windows
+    (GPUs, where kernel launches cost) rather than one strided copy per window and block (CPUs,
+    where bytes cost)."""
+    return device.type != "cpu"
+
+
+def _stack_windows(mel: Tensor, batch: list[tuple[int, _Window]]) -> Tensor:
+    """``[W, n_mels, frames]``: each ``(row, window)``'s frames of ``mel [rows, n_mels, T]``, zeros
+    after its end, ``frames`` the longest window. One gather for the whole batch (a per-window copy
+    costs a GPU two kernel launches per window)."""
+    frames = max(window.n_frames for _, window in batch)
+    rows, firsts, counts = torch.tensor([(row, w.first_frame, w.n_frames) for row, w in batch]).to(mel.device).T
+    steps = torch.arange(frames, device=mel.device)
+    columns = (firsts[:, None] + steps).clamp_(max=mel.shape[-1] - 1)
+    bins = torch.arange(mel.shape[1], device=mel.device)
+    stacked = mel[rows[:, None, None], bins[None, :, None], columns[:, None, :]]
+    return stacked.masked_fill_((steps >= counts[:, None])[:, None, :], 0.0)
 
 
 class ATSTModel(nn.Module):
@@ -273,8 +294,8 @@ class ATSTModel(nn.Module):
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Frame embeddings of one clip, in time order, ``batch_size`` windows (10 s each) at a time.
 
-        Yields ``(first_index, embeddings [k, n_blocks * D], timestamps [k])``: for hour-long audio,
-        write each piece out instead of holding ``[T, n_blocks * D]`` in memory.
+        Yields ``(first_index, embeddings [k, n_blocks * D], timestamps [k])``, one piece per batch of
+        windows: for hour-long audio, write each piece out instead of holding ``[T, n_blocks * D]``.
         """
         n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
@@ -289,13 +310,11 @@ class ATSTModel(nn.Module):
                     windows, n_tokens, out = next(batches)
                 except StopIteration:
                     return
-                pieces = []
-                for row, window in enumerate(windows):  # one clip: windows come in time order
-                    first, count = window.first_frame // patch, n_tokens[row]
-                    piece = torch.empty(count, self.frame_embedding_size(n_blocks), dtype=self.output_dtype, device=self.device)
-                    self._copy_frames(out, row, piece)
-                    pieces.append((first, piece, self._timestamps(first + count)[first:]))
-            yield from pieces
+                # One clip: the batch's windows are consecutive in time, so they fill one piece.
+                first, count = windows[0].first_frame // patch, sum(n_tokens)
+                piece = torch.empty(count, self.frame_embedding_size(n_blocks), dtype=self.output_dtype, device=self.device)
+                self._write_frames(out, n_tokens, [piece] * len(windows), [w.first_frame // patch - first for w in windows])
+            yield first, piece, self._timestamps(first + count)[first:]
 
     def get_clip_embedding(
         self, audio, *, sample_rate: int | None = None, n_blocks: int | None = None, batch_size: int = 32
@@ -401,11 +420,27 @@ class ATSTModel(nn.Module):
         samples = max(int(n_samples), self.frontend.min_samples)
         return int(self.frontend.n_frames(samples)) // self.config.encoder.patch_frames
 
-    def _copy_frames(self, out: EncoderOutput, row: int, target: Tensor) -> None:
-        """Write window ``row``'s first ``len(target)`` tokens into ``target``: blocks side by side, shallow to deep."""
-        dim, count = self.embed_dim, len(target)
+    def _write_frames(self, out: EncoderOutput, n_tokens: list[int], targets: list[Tensor], rows: list[int]) -> None:
+        """Write window ``w``'s first ``n_tokens[w]`` tokens into ``targets[w] [R, n_blocks * D]`` from
+        row ``rows[w]`` on: blocks side by side, shallow to deep.
+
+        See :func:`_gathers_frames`; when gathering, all windows share one target.
+        """
+        dim, target = self.embed_dim, targets[0]
+        if not _gathers_frames(target.device):
+            for window, (target, row, count) in enumerate(zip(targets, rows, n_tokens)):
+                for block, tokens in enumerate(out.tokens):
+                    target[row : row + count, block * dim : (block + 1) * dim] = tokens[window, :count]
+            return
+        assert all(other is target for other in targets), "the device path writes into one target"
+        counts = torch.tensor(n_tokens)
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        source = torch.repeat_interleave(torch.arange(len(counts)) * out.tokens[0].shape[1], counts) + within
+        destination = torch.repeat_interleave(torch.tensor(rows), counts) + within
+        source, destination = torch.stack([source, destination]).to(target.device)
         for block, tokens in enumerate(out.tokens):
-            target[:, block * dim : (block + 1) * dim] = tokens[row, :count]
+            values = tokens.flatten(0, 1).index_select(0, source).to(target.dtype)
+            target[:, block * dim : (block + 1) * dim].index_copy_(0, destination, values)
 
     def _timestamps(self, count: int) -> Tensor:
         # Token i covers frames 4i..4i+3, centred at 10 * (4i + 1.5) ms = 40i + 15 ms.
@@ -430,15 +465,17 @@ class ATSTModel(nn.Module):
         patch = self.config.encoder.patch_frames
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
         for group in self._groups(order, waves, hop, batch_size):
-            lengths = torch.tensor([waves[i].numel() for i in group], device=self.device)
+            lengths = [waves[i].numel() for i in group]
             if len(group) == 1:  # no padded copy of a long single input
                 padded = waves[group[0]][None]
+            elif min(lengths) == max(lengths):
+                padded = torch.stack([waves[i] for i in group])
             else:
                 padded = nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
-            mel, n_frames = self.frontend(padded, lengths)
+            mel, _ = self.frontend(padded, torch.tensor(lengths))  # lengths on the CPU: no device sync
             windows = []
             for row, item in enumerate(group):
-                total = int(n_frames[row])
+                total = self.frontend.n_frames(lengths[row])
                 for first in range(0, total, hop):
                     frames = min(width, total - first)
                     if frames >= patch and (first == 0 or frames > later_min_frames):
@@ -448,14 +485,10 @@ class ATSTModel(nn.Module):
             windows.sort(key=lambda entry: -entry[1].n_frames)
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
-                frames = max(window.n_frames for _, window in batch)
-                stacked = mel.new_empty(len(batch), mel.shape[1], frames)
-                for slot, (row, window) in enumerate(batch):
-                    stacked[slot, :, : window.n_frames] = mel[row, :, window.first_frame : window.first_frame + window.n_frames]
-                    stacked[slot, :, window.n_frames :] = 0.0
+                stacked = _stack_windows(mel, batch)
                 n_tokens = [window.n_frames // patch for _, window in batch]
-                padded_keys = min(n_tokens) < frames // patch
-                token_counts = torch.tensor(n_tokens, device=self.device) if padded_keys else None
+                padded_keys = min(n_tokens) < stacked.shape[-1] // patch
+                token_counts = torch.tensor(n_tokens).to(self.device) if padded_keys else None
                 with self._autocast():
                     output = self.encoder(stacked.to(self.dtype), token_counts, n_blocks)
                 yield [window for _, window in batch], n_tokens, output
@@ -495,23 +528,27 @@ class ATSTModel(nn.Module):
         """Frame embeddings and timestamps (lists for a list input, else batch tensors); with
         ``pooling``, also the ATST-Frame clip embedding from the same windows."""
         counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
-        shape = (self.frame_embedding_size(n_blocks),)
-        if is_list:
-            outputs = [torch.empty(count, *shape, dtype=self.output_dtype, device=self.device) for count in counts]
-        else:  # equal lengths: write straight into the batch tensor
-            batch = torch.empty(len(waves), counts[0], *shape, dtype=self.output_dtype, device=self.device)
-            outputs = list(batch)
+        size, patch = self.frame_embedding_size(n_blocks), self.config.encoder.patch_frames
+        empty = partial(torch.empty, dtype=self.output_dtype, device=self.device)
+        if is_list and not _gathers_frames(self.device):  # one tensor per item, written window by window
+            outputs, offsets = [empty(count, size) for count in counts], [0] * len(counts)
+        else:  # all items in one [sum(counts), size] tensor (the device path gathers into one target)
+            frames = empty(sum(counts), size)
+            outputs, offsets = [frames] * len(counts), [0]
+            for count in counts[:-1]:
+                offsets.append(offsets[-1] + count)
         for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
-            for row, window in enumerate(windows):
-                first = window.first_frame // self.config.encoder.patch_frames
-                self._copy_frames(out, row, outputs[window.item][first : first + n_tokens[row]])
+            targets = [outputs[w.item] for w in windows]
+            self._write_frames(out, n_tokens, targets, [offsets[w.item] + w.first_frame // patch for w in windows])
             if pooling is not None:
                 pooling.add(windows, n_tokens, out)
         timestamps = [self._timestamps(count) for count in counts]
         clip = pooling.result() if pooling is not None else None
-        if is_list:
-            return outputs, timestamps, clip
-        return batch, torch.stack(timestamps), clip
+        if not is_list:
+            return frames.view(len(waves), counts[0], size), torch.stack(timestamps), clip
+        if _gathers_frames(self.device):  # own storage per item: torch.save of one must not write all
+            outputs = [piece.clone() for piece in frames.split(counts)]
+        return outputs, timestamps, clip
 
     def _clip_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Clip clip embedding: CLS and token means of each 6 s chunk, averaged over the chunks
