@@ -410,3 +410,22 @@ def test_torchrun_processes_split_the_inputs(tmp_path, frame_small_ckpt, five_fi
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shard 1/2: 3 embedded" in result.stderr and "shard 2/2: 2 embedded" in result.stderr
     _assert_same_outputs(whole, split)
+
+
+def test_dead_writers_temporaries_are_swept_once_per_folder(tmp_path, monkeypatch):
+    """A dead process's temporary is removed at the first write into its folder; the folder is listed
+    once per process, not once per output (which made N outputs in one folder cost O(N^2))."""
+    from atst_features import outputs
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    leftover = tmp_path / f".atst-0123456789abcdef-{dead}-cafe0123.partial"
+    leftover.write_bytes(b"half")
+    mine = tmp_path / f".atst-0123456789abcdef-{os.getpid()}-cafe0123.partial"
+    mine.write_bytes(b"in progress")  # a live writer's file stays
+    listings = []
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: listings.append(self) or real_glob(self, pattern))
+    names = {outputs.temporary_beside(tmp_path / f"{i}.npz").name for i in range(50)}
+    assert len(names) == 50 and listings == [tmp_path]
+    assert not leftover.exists() and mine.exists()

@@ -327,7 +327,40 @@ class _Run:
         )
 
 
-def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
+class _WritesBehind:
+    """Writes a batch's outputs in one thread while the model computes the next batch, and reports
+    each file to ``run`` once written. At most two batches' outputs are held: a batch is handed over
+    after the previous one is on disk. A write's OSError fails its file; anything else (a bug) is
+    re-raised in the caller's thread."""
+
+    def __init__(self, write, run: _Run) -> None:
+        self.write, self.run = write, run
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="atst-write")
+        self.pending: list[tuple[AudioInput, float, Future]] = []
+
+    def hand_over(self, outputs: list[tuple[AudioInput, dict, float]]) -> None:
+        """``(item, arrays on the CPU, audio seconds)`` of one batch."""
+        self.wait()
+        self.pending = [(item, seconds, self.thread.submit(self.write, item, arrays, None))
+                        for item, arrays, seconds in outputs]
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for item, seconds, future in pending:
+            error = future.exception()
+            if error is None:
+                self.run.succeeded(seconds)
+            elif isinstance(error, OSError):
+                self.run.error(item, error)
+            else:
+                raise error
+
+    def close(self) -> None:
+        """Stop: writes not started are dropped (a rerun makes them), one under way finishes."""
+        self.thread.shutdown(wait=True, cancel_futures=True)
+
+
+def _embed_batch(model, batch, level, n_blocks, batch_size, writer: _WritesBehind) -> None:
     waves = [waveform for _, waveform in batch]
     options = dict(n_blocks=n_blocks, batch_size=batch_size)
     clips = frames = stamps = None
@@ -340,20 +373,21 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, write, run) -> None:
             frames, stamps = model.get_frame_embeddings(waves, **options)
     except Exception as error:  # e.g. out of memory: every file of the batch failed
         for item, _ in batch:
-            run.error(item, error)
+            writer.run.error(item, error)
         return
+    # To the CPU here, in one step per array: the writing thread then never waits on the device.
+    clips = clips.cpu() if clips is not None else None
+    frames = [piece.cpu() for piece in frames] if frames is not None else None
+    stamps = [piece.cpu() for piece in stamps] if stamps is not None else None
+    outputs = []
     for index, (item, waveform) in enumerate(batch):
         arrays = {}
         if clips is not None:
             arrays["clip"] = clips[index]
         if frames is not None:
             arrays.update(frame=frames[index], timestamps=stamps[index])
-        try:
-            write(item, arrays, None)
-        except OSError as error:
-            run.error(item, error)
-        else:
-            run.succeeded(len(waveform) / SAMPLE_RATE)
+        outputs.append((item, arrays, len(waveform) / SAMPLE_RATE))
+    writer.hand_over(outputs)
 
 
 def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base) -> None:
@@ -457,11 +491,13 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
         write_outputs(bases[item], fmt, arrays, metadata, frames)
 
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    writer = _WritesBehind(write, run)
     try:
         pool, windows, pool_bytes = [], 0, 0
         for item, result in run.decoded(todo, num_workers):
             frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
             if level != "clip" and frame_bytes > STREAM_BYTES:
+                writer.wait()
                 try:
                     _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])
                 except Exception as error:
@@ -475,15 +511,18 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
             windows += 1 + len(result) // (SAMPLE_RATE * 10)
             pool_bytes += frame_bytes if level != "clip" else 0
             if windows >= POOL_BATCHES * batch_size or pool_bytes >= STREAM_BYTES:
-                _embed_batch(model, pool, level, n_blocks, batch_size, write, run)
+                _embed_batch(model, pool, level, n_blocks, batch_size, writer)
                 pool, windows, pool_bytes = [], 0, 0
         if pool:
-            _embed_batch(model, pool, level, n_blocks, batch_size, write, run)
+            _embed_batch(model, pool, level, n_blocks, batch_size, writer)
+        writer.wait()
     except KeyboardInterrupt:
+        writer.close()
         run.bar.close()
         click.echo(f"interrupted: {run.summary(skipped)}; rerun the same command to finish", err=True)
         sys.exit(130)
     finally:
+        writer.close()
         signal.signal(signal.SIGTERM, previous)
     run.bar.close()
     if not quiet:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import secrets
+import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,15 +59,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_beside(path: Path, suffix: str = ".partial") -> Path:
-    """A hidden temporary path in ``path``'s folder: ``.atst-<name digest>-<pid>-<random><suffix>``,
-    short whatever the name, unique per writer. Leftovers of dead processes for the same output are
-    removed (an interrupted run's file is replaced by the next run's)."""
-    prefix = f".atst-{hashlib.sha1(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-"
-    for stale in path.parent.glob(f"{prefix}*{suffix}"):
-        pid = stale.name[len(prefix) :].split("-", 1)[0]
+_swept_folders: set[Path] = set()
+_sweep_lock = threading.Lock()
+
+
+def _remove_dead_writers_files(folder: Path) -> None:
+    """Remove the temporaries of dead processes (``.atst-<digest>-<pid>-...``) from ``folder``, once
+    per folder and process: listing the folder for every output would make writing N outputs into
+    one folder cost O(N^2) (a million files, a trillion directory entries read)."""
+    with _sweep_lock:
+        if folder in _swept_folders:
+            return
+        _swept_folders.add(folder)
+    for stale in folder.glob(".atst-*"):
+        parts = stale.name.split("-", 3)  # ".atst", digest, pid, random + suffix
+        pid = parts[2] if len(parts) == 4 else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             stale.unlink(missing_ok=True)
+
+
+def temporary_beside(path: Path, suffix: str = ".partial") -> Path:
+    """A hidden temporary path in ``path``'s folder: ``.atst-<name digest>-<pid>-<random><suffix>``,
+    short whatever the name, unique per writer. Leftovers of dead processes in that folder are
+    removed the first time this process writes there (an interrupted run's files are replaced by
+    the next run's)."""
+    _remove_dead_writers_files(path.parent)
+    prefix = f".atst-{hashlib.sha1(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-"
     return path.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
