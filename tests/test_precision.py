@@ -136,10 +136,13 @@ def test_fused_failure_falls_back_for_good(monkeypatch):
     assert encoder_module._ONEDNN["available"] is False
 
 
-def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys():
+def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 70, 16, generator=generator).bfloat16() for _ in range(3))
     key_mask = torch.arange(70)[None, :] < torch.tensor([70, 41])[:, None]
+    monkeypatch.setattr(encoder_module, "_cpu_has_amx", lambda: True)
+    assert not encoder_module._matmul_attention_ready(q)  # AMX: PyTorch's kernel is the faster one
+    monkeypatch.setattr(encoder_module, "_cpu_has_amx", lambda: False)
     assert encoder_module._matmul_attention_ready(q)
     assert not encoder_module._matmul_attention_ready(q.float())  # float32 keeps PyTorch's kernel
     assert not encoder_module._matmul_attention_ready(q.clone().requires_grad_())  # so does training
