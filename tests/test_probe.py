@@ -94,6 +94,20 @@ def test_grouped_holdout_keeps_groups_together():
     assert sum(held) == 6  # round(10 groups * 0.25) = 2 groups of 3 items
 
 
+def test_stratified_holdout_takes_a_share_of_each_class_and_never_a_whole_class():
+    labels = ["a"] * 20 + ["b"] * 6 + ["c"] * 2
+    groups = [f"{label}{i // 2}" for i, label in enumerate(labels)]  # 10, 3 and 1 groups of two items
+    for seed in range(5):
+        held = grouped_holdout(groups, 0.4, seed=seed, strata=labels)
+        for group in set(groups):
+            assert len({h for g, h in zip(groups, held) if g == group}) == 1
+        per_class = {label: sum(h for lab, h in zip(labels, held) if lab == label) for label in "abc"}
+        assert per_class == {"a": 8, "b": 2, "c": 2}  # round(10 * 0.4) groups, round(3 * 0.4), the one group
+    draws = {tuple(grouped_holdout(groups, 0.4, seed=seed, strata=labels)) for seed in range(5)}
+    assert len(draws) > 1  # the seed changes the draw
+    assert grouped_holdout(groups, 0.4, seed=3, strata=labels) == grouped_holdout(groups, 0.4, seed=3, strata=labels)
+
+
 def test_grouped_folds_keep_groups_together():
     groups = [f"g{i % 7}" for i in range(35)]
     folds = grouped_folds(groups, 4, seed=1)
@@ -140,6 +154,26 @@ def test_atst_probe_separates_two_obvious_classes(tmp_path, frame_small_ckpt):
         assert scores[name]["test"] == 1.0 and scores[name]["n_test"] == 8 and scores[name]["metric"] == "accuracy"
     assert scores[str(frame_small_ckpt)]["dims"] == 2 * 384 and scores["logmel"]["dims"] == 128
     assert "test accuracy" in result.output
+
+
+def test_atst_probe_resplits_score_each_model_on_the_same_fresh_splits(tmp_path):
+    manifest = two_class_set(tmp_path)
+    out = tmp_path / "probe.json"
+    result = CliRunner().invoke(main, [str(manifest), "--model", "logmel", "--resplits", "3", "--no-cache",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["resplits"] == {"count": 3, "test_share": 0.25}  # 8 of the 32 groups are in the test split
+    (logmel,) = payload["results"]
+    assert logmel["resplits"] == [1.0, 1.0, 1.0] and logmel["test"] == 1.0
+    assert "3 re-splits" in result.output and "1.000 ± 0.000" in result.output
+
+
+def test_atst_probe_resplits_need_the_logreg_protocol(tmp_path):
+    manifest = two_class_set(tmp_path)
+    result = CliRunner().invoke(main, [str(manifest), "--model", "logmel", "--protocol", "reference", "--resplits", "2"])
+    assert result.exit_code == 1
+    assert "--resplits works with --protocol logreg" in result.output and "Traceback" not in result.output
 
 
 def test_atst_probe_reports_bad_manifest_in_one_line(tmp_path):

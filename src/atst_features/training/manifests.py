@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ..inputs import AUDIO_SUFFIXES, InputError, manifest_lines, path_column, scan_folder
 
-__all__ = ["SPLITS", "LabelledItem", "LabelledSet", "grouped_folds", "grouped_holdout", "read_labelled", "split_items"]
+__all__ = [
+    "SPLITS", "LabelledItem", "LabelledSet", "group_of", "grouped_folds", "grouped_holdout", "read_labelled", "split_items",
+]
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
@@ -137,15 +139,26 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
     return LabelledSet(tuple(items), names, multi_label=multi)
 
 
-def _group(item: LabelledItem) -> str:
+def group_of(item: LabelledItem) -> str:
+    """The item's group (recording), or its path when the manifest gives none."""
     return item.group or str(item.path)
 
 
-def grouped_holdout(groups: list[str], share: float, seed: int) -> list[bool]:
-    """A seeded hold-out of about ``share`` of the groups; True marks the held-out items."""
-    unique = sorted(set(groups))
-    random.Random(seed).shuffle(unique)
-    held = set(unique[: max(1, round(len(unique) * share))])
+def grouped_holdout(groups: list[str], share: float, seed: int, strata: list[str] | None = None) -> list[bool]:
+    """A seeded hold-out of about ``share`` of the groups (at least one); True marks the held-out
+    items. With ``strata`` (e.g. each item's label; a group counts in the stratum of its first
+    item), about ``share`` of each stratum's groups, and never all of a stratum with two or more."""
+    stratum_of: dict[str, str] = {}
+    for group, stratum in zip(groups, strata or [""] * len(groups)):
+        stratum_of.setdefault(group, stratum)
+    rng, held = random.Random(seed), set()
+    for stratum in sorted(set(stratum_of.values())):
+        unique = sorted(group for group, own in stratum_of.items() if own == stratum)
+        rng.shuffle(unique)
+        count = max(1, round(len(unique) * share))
+        if strata is not None and len(unique) > 1:
+            count = min(count, len(unique) - 1)
+        held.update(unique[:count])
     return [group in held for group in groups]
 
 
@@ -158,7 +171,7 @@ def grouped_folds(groups: list[str], folds: int, seed: int) -> list[int]:
 
 
 def _hold_out(items: list[LabelledItem], share: float, seed: int) -> tuple[list[LabelledItem], list[LabelledItem]]:
-    held = grouped_holdout([_group(item) for item in items], share, seed)
+    held = grouped_holdout([group_of(item) for item in items], share, seed)
     return [i for i, h in zip(items, held) if not h], [i for i, h in zip(items, held) if h]
 
 
@@ -181,7 +194,7 @@ def split_items(
         splits = {"train": rest, "valid": [], "test": test}
         how = f"seeded grouped hold-outs ({test_share:.0%} test, seed {seed}; no split column)"
     if not splits["valid"] and valid_share > 0:
-        if len({_group(item) for item in splits["train"]}) < 2:
+        if len({group_of(item) for item in splits["train"]}) < 2:
             raise InputError("the train split needs at least two groups (recordings) to hold some out for validation")
         splits["train"], splits["valid"] = _hold_out(splits["train"], valid_share, seed + 2)
         how += f", valid {valid_share:.0%} of the train groups"

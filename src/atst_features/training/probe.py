@@ -13,6 +13,9 @@
   learning rate chosen on the valid split.
 
 Embeddings are cached on disk (``--cache``), keyed by the model, the files and the settings.
+``--resplits N`` (logreg) also scores N seeded re-draws of the train/test split over all rows:
+whole groups, the manifest's share of them per class on the test side; their mean and standard
+deviation say how much the one split's figure owes to its draw.
 
 Besides model sources (anything ``load_model`` takes, training checkpoints included), two
 baselines: ``logmel`` (mean and standard deviation over time of the 64-bin log-mel front end)
@@ -27,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
@@ -41,7 +44,7 @@ from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..frontend import FrontendConfig, LogMelFrontend
 from ..errors import ATSTError, InputError
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
-from .manifests import SPLITS, LabelledItem, grouped_folds, read_labelled, split_items
+from .manifests import SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, read_labelled, split_items
 from .metrics import score
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "fit_linear",
     "linear_probe",
     "main",
+    "resplit_scores",
 ]
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
@@ -62,7 +66,8 @@ RANDOM_PREFIX = "random:"
 @dataclass
 class ProbeResult:
     """One model's probe: the protocol, feature size, the chosen setting (``l2`` strength or
-    ``learning_rate``), the selection score (cross-validated, or valid) and the test score."""
+    ``learning_rate``), the selection score (cross-validated, or valid), the test score and the
+    test scores of the re-drawn splits (``--resplits``; empty without)."""
 
     model: str
     protocol: str
@@ -74,6 +79,7 @@ class ProbeResult:
     n_train: int
     n_test: int
     seconds: float
+    resplits: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -215,6 +221,21 @@ def linear_probe(
     return best[0], best[1], score(test_x.double() @ weight + bias, y_test, multi_label)
 
 
+def resplit_scores(
+    features: Tensor, targets: Tensor, groups: list[str], strata: list[str] | None, *, test_share: float,
+    count: int, multi_label: bool, seed: int = 0, desc: str = "re-split",
+) -> list[float]:
+    """Test scores of :func:`linear_probe` on ``count`` re-drawn splits of all rows: re-split ``r``
+    holds out about ``test_share`` of the groups of each stratum (seed ``seed + 1 + r``)."""
+    scores = []
+    for draw in tqdm(range(count), desc=desc, unit="split", file=sys.stderr, leave=False):
+        held = torch.tensor(grouped_holdout(groups, test_share, seed + 1 + draw, strata))
+        kept = [group for group, out in zip(groups, held.tolist()) if not out]
+        scores.append(linear_probe(features[~held], targets[~held], kept, features[held], targets[held],
+                                   multi_label=multi_label, seed=seed)[2])
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------- command
 def _default_cache() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -223,7 +244,7 @@ def _default_cache() -> Path:
 
 def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict) -> ProbeResult:
     """One model's probe; ``waves()`` decodes the clips of every split (once, and only on a cache miss)."""
-    started = time.perf_counter()
+    started, resplits = time.perf_counter(), []
     items = [item for name in SPLITS for item in splits[name]]
     settings = {key: options[key] for key in ("n_blocks", "seed", "bf16", "crop_seconds")}
     features = cached_features(options["cache"], source, items, settings, lambda: clip_features(
@@ -240,15 +261,21 @@ def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict)
         setting, selection = f"lr {result.learning_rate:g} ep {result.epoch}", result.valid
         test = result.test
     else:
-        groups = [item.group or str(item.path) for item in splits["train"] + splits["valid"]]
+        groups = [group_of(item) for item in splits["train"] + splits["valid"]]
         train_x = torch.cat([parts["train"], parts["valid"]])
         train_y = torch.cat([targets["train"], targets["valid"]])
         l2, selection, test = linear_probe(train_x, train_y, groups, parts["test"], targets["test"],
                                            multi_label=data.multi_label, seed=options["seed"])
         setting = f"L2 {l2:.0e}"
+        if options["resplits"]:
+            strata = None if data.multi_label else [item.labels[0] for item in items]
+            resplits = resplit_scores(features, torch.cat([targets[name] for name in SPLITS]),
+                                      [group_of(item) for item in items], strata, test_share=options["test_share"],
+                                      count=options["resplits"], multi_label=data.multi_label, seed=options["seed"],
+                                      desc=f"re-split {source}")
     n_train = len(splits["train"]) + (0 if protocol == "reference" else len(splits["valid"]))
     return ProbeResult(source, protocol, features.shape[1], metric, setting, selection, test, n_train,
-                       len(splits["test"]), time.perf_counter() - started)
+                       len(splits["test"]), time.perf_counter() - started, resplits)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -266,12 +293,15 @@ def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict)
 @click.option("--device", default=None, help="cpu, cuda, ... [default: CUDA when available]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, random-weight and training seed.")
+@click.option("--resplits", type=click.IntRange(min=0), default=0, show_default=True,
+              help="logreg: also score this many seeded re-draws of the train/test split (grouped, per class) "
+                   "and print their mean and standard deviation.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Embedding cache folder [default: ~/.cache/atst-features/embeddings].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached embeddings.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
 def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learning_rates, epochs: int, precision,
-         device, batch_size: int, seed: int, cache, no_cache: bool, json_path) -> None:
+         device, batch_size: int, seed: int, resplits: int, cache, no_cache: bool, json_path) -> None:
     """Linear probe of frozen clip embeddings on a labelled MANIFEST (CSV/TSV with path, label or
     labels, optional split and group columns; or a folder of label folders)."""
     reference = protocol == "reference"
@@ -279,13 +309,17 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
                "bf16": (precision or ("bf16" if reference else "fp32")) == "bf16",
                "crop_seconds": 12.0 if reference else None,
                "learning_rates": tuple(learning_rates) or REFERENCE_LEARNING_RATES,
-               "cache": None if no_cache else (cache or _default_cache())}
+               "cache": None if no_cache else (cache or _default_cache()), "resplits": resplits}
     try:
+        if resplits and reference:
+            raise InputError("--resplits works with --protocol logreg (the reference protocol trains 100-epoch heads per split)")
         data = read_labelled(manifest)
         splits, how = split_items(data, seed=seed, valid_share=0.15 if reference else 0.0)
         if not splits["test"]:
             raise InputError("the manifest's split column needs test rows to score the probe")
         counts = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS if splits[name])
+        every_group = {group_of(item) for name in SPLITS for item in splits[name]}
+        options["test_share"] = len({group_of(item) for item in splits["test"]}) / len(every_group)
         click.echo(f"{manifest}: {len(data.items)} clips, {len(data.label_names)} classes "
                    f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
         waves = functools.cache(lambda: {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS})
@@ -295,11 +329,14 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
     width = max(len(r.model) for r in results)
     selection = "valid" if reference else "cross-val"
     metric = results[0].metric
-    click.echo(f"{'model':<{width}}  {'dims':>6}  {'setting':<16}  {selection:>9}  {'test ' + metric:>13}")
+    spread = f"  {f'{resplits} re-splits':>15}" if resplits else ""
+    click.echo(f"{'model':<{width}}  {'dims':>6}  {'setting':<16}  {selection:>9}  {'test ' + metric:>13}{spread}")
     for r in results:
-        click.echo(f"{r.model:<{width}}  {r.dims:>6}  {r.setting:<16}  {r.selection:>9.3f}  {r.test:>13.3f}")
+        spread = f"  {np.mean(r.resplits):>7.3f} ± {np.std(r.resplits):.3f}" if resplits else ""
+        click.echo(f"{r.model:<{width}}  {r.dims:>6}  {r.setting:<16}  {r.selection:>9.3f}  {r.test:>13.3f}{spread}")
     if json_path is not None:
         payload = {"manifest": str(manifest), "protocol": protocol, "split": how, "n_blocks": n_blocks, "seed": seed,
+                   "resplits": {"count": resplits, "test_share": options["test_share"]},
                    "results": [asdict(r) for r in results]}
         json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
