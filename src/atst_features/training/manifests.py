@@ -151,9 +151,12 @@ def grouped_holdout(groups: list[str], share: float, seed: int, strata: list[str
     stratum_of: dict[str, str] = {}
     for group, stratum in zip(groups, strata or [""] * len(groups)):
         stratum_of.setdefault(group, stratum)
+    members: dict[str, list[str]] = {}
+    for group in sorted(stratum_of):
+        members.setdefault(stratum_of[group], []).append(group)
     rng, held = random.Random(seed), set()
-    for stratum in sorted(set(stratum_of.values())):
-        unique = sorted(group for group, own in stratum_of.items() if own == stratum)
+    for stratum in sorted(members):
+        unique = members[stratum]
         rng.shuffle(unique)
         count = max(1, round(len(unique) * share))
         if strata is not None and len(unique) > 1:

@@ -318,8 +318,9 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
         if not splits["test"]:
             raise InputError("the manifest's split column needs test rows to score the probe")
         counts = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS if splits[name])
-        every_group = {group_of(item) for name in SPLITS for item in splits[name]}
-        options["test_share"] = len({group_of(item) for item in splits["test"]}) / len(every_group)
+        if resplits:  # the manifest split's share of groups on the test side, kept by every re-draw
+            every_group = {group_of(item) for name in SPLITS for item in splits[name]}
+            options["test_share"] = len({group_of(item) for item in splits["test"]}) / len(every_group)
         click.echo(f"{manifest}: {len(data.items)} clips, {len(data.label_names)} classes "
                    f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
         waves = functools.cache(lambda: {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS})
@@ -336,7 +337,7 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
         click.echo(f"{r.model:<{width}}  {r.dims:>6}  {r.setting:<16}  {r.selection:>9.3f}  {r.test:>13.3f}{spread}")
     if json_path is not None:
         payload = {"manifest": str(manifest), "protocol": protocol, "split": how, "n_blocks": n_blocks, "seed": seed,
-                   "resplits": {"count": resplits, "test_share": options["test_share"]},
+                   "resplits": {"count": resplits, "test_share": options.get("test_share")},
                    "results": [asdict(r) for r in results]}
         json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
