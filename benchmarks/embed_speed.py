@@ -33,7 +33,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from atst_features.encoder import EncoderConfig
+from atst_features.encoder import EncoderConfig, cpu_multiplies_fast
 from atst_features.model import PRECISIONS, ATSTModel, ModelConfig
 
 
@@ -84,8 +84,8 @@ def matmul_peaks(device: torch.device = CPU) -> dict[torch.dtype, float]:
 
 def describe_peaks(peaks: dict[torch.dtype, float]) -> str:
     fp32 = peaks[torch.float32]
-    return "matmul peaks: " + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s ({peak / fp32:.1f}x)"
-                                        for dtype, peak in peaks.items())
+    return "matmul peaks: " + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.{0 if peak >= 10 else 2}f} GFLOP/s "
+                                        f"({peak / fp32:.{1 if peak >= 0.1 * fp32 else 3}f}x)" for dtype, peak in peaks.items())
 
 
 def parse_workloads(text: str) -> dict[str, tuple[int, float]]:
@@ -149,12 +149,14 @@ def main() -> None:
                         "on CUDA 8x10,32x10,128x10,256x10,1x60)")
     parser.add_argument("--batch-size", type=int, default=None, help="our windows per encoder pass (default: all "
                         "windows of the workload, at least 32; the official loop passes the whole batch at once)")
-    parser.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16,bf16-mixed; "
-                        "on CUDA also fp16,fp16-mixed)")
+    parser.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16,bf16-mixed, "
+                        "fp32 alone on CPUs without fast bf16 kernels; on CUDA also fp16,fp16-mixed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    precisions = (args.precisions or ("fp32,bf16,bf16-mixed" + (",fp16,fp16-mixed" if device.type == "cuda" else ""))).split(",")
+    fast_bf16 = device.type == "cuda" or cpu_multiplies_fast(torch.bfloat16)
+    precisions = (args.precisions or ("fp32,bf16,bf16-mixed" if fast_bf16 else "fp32")
+                  + (",fp16,fp16-mixed" if device.type == "cuda" and not args.precisions else "")).split(",")
 
     print(f"machine: {machine()}")
     if device.type == "cuda":
@@ -163,6 +165,8 @@ def main() -> None:
     peaks = matmul_peaks(device)
     fp32_peak = peaks[torch.float32]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; {describe_peaks(peaks)}")
+    if not fast_bf16 and not args.precisions:
+        print("this CPU has no fast bfloat16 kernels (no AVX512): bf16 paths skipped (--precisions fp32,bf16 times them)")
     rng = np.random.default_rng(0)
     config = EncoderConfig.of_size(args.size, cls_token=False)
     work = flop_per_audio_second(config)

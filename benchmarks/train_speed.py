@@ -21,7 +21,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from atst_features.training.cli import METHODS, preset_path
+from atst_features.training.cli import preset_path
+from atst_features.training.module import ClipPretraining, FramePretraining
 
 from embed_speed import machine
 
@@ -66,10 +67,10 @@ class StepTimer(L.Callback):
 
 def measure(preset: str, batch_size: int | None, steps: int, device: str, precision: str) -> None:
     config = yaml.safe_load(open(preset_path(preset), encoding="utf-8"))
-    method = "clip" if preset.startswith("clip") else "frame"
+    method = ClipPretraining if preset.startswith("clip") else FramePretraining
     model_args = dict(config["model"], max_steps=max(config["model"]["max_steps"], steps + 3))
     batch = batch_size or (config["data"]["batch_size"] if preset.endswith("tiny") else 8)
-    module = METHODS[method](**model_args)
+    module = method(**model_args)
     data = SyntheticData(config["data"]["crop_seconds"], batch, steps)
     timer = StepTimer()
     trainer = L.Trainer(

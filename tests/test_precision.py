@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from click.testing import CliRunner
 from conftest import waveform, write_audio
 
 import atst_features
-from atst_features import InputError
+from atst_features import InputError, SlowPrecisionWarning
 from atst_features import encoder as encoder_module
 from atst_features.cli import embed
 from atst_features.model import PRECISIONS
@@ -153,3 +155,55 @@ def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys(m
     assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.999
     k[1, :, 41:], v[1, :, 41:] = 100.0, -100.0  # masked keys: no influence at all
     assert torch.equal(encoder_module._matmul_attention(q, k, v, key_mask), got)
+
+
+# ------------------------------------------------------------------ CPUs without fast 16-bit kernels
+@pytest.fixture
+def slow_16_bit_cpu(monkeypatch):
+    """This CPU seen as one without oneDNN's 16-bit kernels (AVX2 only), whatever it really has."""
+    import atst_features.loading as loading_module
+    import atst_features.model as model_module
+
+    def float32_only(dtype):
+        return dtype not in (torch.bfloat16, torch.float16)
+
+    for module in (encoder_module, model_module, loading_module):
+        monkeypatch.setattr(module, "cpu_multiplies_fast", float32_only)
+
+
+def test_16_bit_on_a_cpu_without_fast_kernels_warns_and_still_runs(frame_small_ckpt, slow_16_bit_cpu):
+    with pytest.warns(SlowPrecisionWarning, match=r"^precision='bf16-mixed': this CPU has no fast bfloat16 matrix "
+                                                   r"kernels \(they need AVX512, fast with AVX512-BF16 or AMX\).*; use fp32$"):
+        model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16-mixed")
+    assert model.precision == "bf16-mixed"  # what was asked, only slower
+    with pytest.warns(SlowPrecisionWarning, match=r"^dtype=torch.float16: .* no fast float16 .*AVX512-FP16 or AMX-FP16"):
+        atst_features.load_model(frame_small_ckpt, device="cpu", dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atst_features.load_model(frame_small_ckpt, device="cpu", precision="fp32")
+
+
+def test_16_bit_on_a_cpu_with_fast_kernels_is_silent(frame_small_ckpt, monkeypatch):
+    import atst_features.model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_multiplies_fast", lambda dtype: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16").precision == "bf16"
+
+
+def test_cpu_detection_follows_pytorch():
+    assert encoder_module.cpu_multiplies_fast(torch.float32)
+    assert encoder_module.cpu_multiplies_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert encoder_module.cpu_multiplies_fast(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def test_cli_shows_the_slow_precision_warning_as_one_line(tmp_path, frame_small_ckpt, slow_16_bit_cpu):
+    path = write_audio(tmp_path / "a.wav", seconds=1.0)
+    result = CliRunner().invoke(embed, [str(path), "--model", str(frame_small_ckpt), "--precision", "bf16", "-q",
+                                        "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: precision='bf16': this CPU has no fast bfloat16 matrix kernels (they need AVX512, fast with "
+        "AVX512-BF16 or AMX), so it runs several times slower than fp32 here; use fp32"]
+    assert (tmp_path / "a.npz").exists()

@@ -174,6 +174,39 @@ def test_clip_preset_from_the_command_line(tmp_path, audio_folder):
     assert model.get_clip_embedding(waveform(2.0, 1), n_blocks=2).shape == (1, 2 * 2 * 64)  # CLS + mean per block
 
 
+def test_a_presets_16_bit_precision_becomes_32_true_on_a_cpu_without_fast_kernels(tmp_path, audio_folder, monkeypatch,
+                                                                                    capsys):
+    import atst_features.encoder as encoder_module
+    from atst_features.training.cli import main as train_main
+
+    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bf16.yaml").write_text("trainer:\n  precision: bf16-mixed\n", encoding="utf-8")  # as frame-mini
+    train_main(["frame", "--config", "frame-tiny", "--config", "bf16.yaml", "--data.path", str(audio_folder),
+                "--model.max_steps", "1", "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert "note: --trainer.precision bf16-mixed: this CPU has no fast bfloat16 matrix kernels" in err
+    assert "training in 32-true instead (the preset's bf16-mixed stays in force with --trainer.precision bf16-mixed)" in err
+    saved = next(tmp_path.glob("runs/frame-tiny/**/config.yaml")).read_text(encoding="utf-8")
+    assert "precision: 32-true" in saved
+
+
+def test_cpu_precision_rule(monkeypatch, capsys):
+    import atst_features.encoder as encoder_module
+    from atst_features.training.cli import cpu_precision
+
+    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
+    assert cpu_precision("16-mixed", "cpu", explicit=False) == "32-true"
+    assert "no fast float16 matrix kernels" in capsys.readouterr().err
+    assert cpu_precision("bf16-mixed", "cpu", explicit=True) == "bf16-mixed"  # asked for: kept, with a warning
+    assert capsys.readouterr().err.startswith("warning: --trainer.precision bf16-mixed: this CPU has no fast bfloat16")
+    assert cpu_precision("bf16-mixed", "gpu", explicit=False) == "bf16-mixed"
+    assert cpu_precision("32-true", "cpu", explicit=False) == "32-true"
+    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: True)
+    assert cpu_precision("bf16-mixed", "cpu", explicit=False) == "bf16-mixed"
+    assert capsys.readouterr().err == ""
+
+
 def test_train_command_usage(tmp_path):
     assert run_atst_train([], tmp_path).returncode == 2
     listed = run_atst_train(["--list-presets"], tmp_path)

@@ -10,6 +10,7 @@ from .errors import (
     InputError,
     ModelNotFoundError,
     OutputError,
+    SlowPrecisionWarning,
 )
 from .convert import convert_checkpoint
 from .hub import PretrainedModel, list_models, push_to_hub
@@ -31,6 +32,7 @@ __all__ = [
     "ModelNotFoundError",
     "OutputError",
     "PretrainedModel",
+    "SlowPrecisionWarning",
     "convert_checkpoint",
     "get_clip_embedding",
     "get_frame_embeddings",

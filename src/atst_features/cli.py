@@ -13,7 +13,9 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .errors import ATSTError, InputError
+from .errors import ATSTError, InputError, SlowPrecisionWarning
 from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
 from .model import PRECISIONS
@@ -49,14 +51,32 @@ def _message(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+@contextmanager
+def one_line_warnings():
+    """Inside: the library's warnings (:class:`SlowPrecisionWarning`) print as one ``warning:`` line,
+    without the source line Python shows; other warnings as usual."""
+    with warnings.catch_warnings():
+        python_way = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SlowPrecisionWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                python_way(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def one_line_errors(command):
     """Expected failures become one ``Error:`` line (exit code 1); a bug prints its traceback and
-    asks to be reported (exit code 1)."""
+    asks to be reported (exit code 1). Warnings of the library are one line each."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with one_line_warnings():
+                return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
@@ -211,7 +231,7 @@ def models(as_json: bool) -> None:
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
     help="Encoder compute precision (outputs stay float32): bf16 is several times faster on CPUs with AMX or "
-    "AVX512-BF16 and on GPUs; *-mixed keep the residual sum in float32.")
+    "AVX512-BF16 and on GPUs, several times slower on CPUs without AVX512; *-mixed keep the residual sum in float32.")
 
 
 # ---------------------------------------------------------------------------------------------- atst-embed

@@ -2,7 +2,8 @@
 
 Each class also derives from the built-in error it is about (``ValueError`` for a bad value or
 file content, ``OSError`` for an unreachable resource), so ``except ValueError`` keeps working.
-Messages are one line that names the input and says what to do.
+Messages are one line that names the input and says what to do. :class:`SlowPrecisionWarning` is
+the one warning: a request that works but runs far slower than the user can have expected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "InputError",
     "ModelNotFoundError",
     "OutputError",
+    "SlowPrecisionWarning",
 ]
 
 
@@ -55,6 +57,10 @@ class OutputError(ATSTError, OSError):
 
 class ModelNotFoundError(ATSTError, FileNotFoundError):
     """A model source that is neither a file, a folder, a registry name nor a Hub id."""
+
+
+class SlowPrecisionWarning(UserWarning):
+    """A 16-bit precision on a CPU without fast kernels for it: it works, several times slower than fp32."""
 
 
 def check_field(owner: str, name: str, value, kind: type | tuple, low=None, high=None) -> None:

@@ -8,6 +8,7 @@ encoder together, in padded batches with key-padding masks, so a batch equals on
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from .audio import SAMPLE_RATE, to_waveforms
-from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput
-from .errors import InputError, check_field
+from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput, cpu_multiplies_fast
+from .errors import InputError, SlowPrecisionWarning, check_field
 from .frontend import FrontendConfig, LogMelFrontend
 from .heads import HEAD_TYPES, EventHead, LinearHead, default_labels, weak_pooling
 
-__all__ = ["MODEL_KINDS", "PRECISIONS", "ModelConfig", "ATSTModel"]
+__all__ = ["MODEL_KINDS", "PRECISIONS", "ModelConfig", "ATSTModel", "slow_precision_message"]
 
 MODEL_KINDS = ("frame", "clip", "c2f")
 # Encoder compute precisions (ATSTModel.set_precision): name -> (16-bit dtype or None, autocast).
@@ -33,6 +34,15 @@ PRECISIONS = {
     "bf16-mixed": (torch.bfloat16, True),
     "fp16-mixed": (torch.float16, True),
 }
+
+
+def slow_precision_message(what: str, dtype: torch.dtype) -> str:
+    """One line for a 16-bit ``dtype`` on a CPU without fast kernels for it (see
+    :func:`~atst_features.encoder.cpu_multiplies_fast`); ``what`` names the setting."""
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    return (f"{what}: this CPU has no fast {name} matrix kernels (they need AVX512, fast with "
+            f"{'AVX512-BF16 or AMX' if dtype == torch.bfloat16 else 'AVX512-FP16 or AMX-FP16'}), so it runs several "
+            f"times slower than fp32 here; use fp32")
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,9 @@ class ATSTModel(nn.Module):
         only matrix products and attention in 16 bits (linear weights cast once, here), the residual
         sum and LayerNorm in float32, under ``torch.autocast``: a little closer to float32, about 10 %
         slower. On CPUs that multiply bf16 in hardware (AMX, AVX512-BF16) the bf16 modes are several
-        times faster than ``"fp32"``; on GPUs all 16-bit modes are. The front end and heads stay
+        times faster than ``"fp32"``; on GPUs all 16-bit modes are. On a CPU without fast kernels for
+        the 16-bit type (no AVX512, e.g. AVX2 only) they are several times slower, and a
+        :class:`SlowPrecisionWarning` says so. The front end and heads stay
         float32. The weights must be float32 (no ``dtype=`` at load); to change modes, reload.
         """
         if precision not in PRECISIONS:
@@ -172,6 +184,8 @@ class ATSTModel(nn.Module):
         if self.dtype != torch.float32:
             raise InputError(f"precision={precision!r} needs float32 weights, these are {self.dtype}; load without dtype=")
         half, mixed = PRECISIONS[precision]
+        if self.device.type == "cpu" and not cpu_multiplies_fast(half):
+            warnings.warn(slow_precision_message(f"precision={precision!r}", half), SlowPrecisionWarning, stacklevel=2)
         if mixed:
             for module in self.encoder.modules():
                 if isinstance(module, nn.Linear):

@@ -41,8 +41,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
-from ..frontend import FrontendConfig, LogMelFrontend
+from ..encoder import cpu_multiplies_fast
 from ..errors import ATSTError, InputError
+from ..frontend import FrontendConfig, LogMelFrontend
+from ..loading import resolve_device
+from ..model import slow_precision_message
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
 from .manifests import SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, read_labelled, split_items
 from .metrics import score
@@ -289,7 +292,8 @@ def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict)
               help="reference protocol: learning rates to sweep, per 256 clips [default: every rate of the reference's scripts].")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="reference protocol: epochs per head.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-              help="Encoder precision for embedding [default: bf16 for reference, as the paper; fp32 for logreg].")
+              help="Encoder precision for embedding [default: bf16 for reference, as the paper, unless on a CPU "
+                   "without fast bf16 kernels (no AVX512); fp32 for logreg].")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: CUDA when available]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, random-weight and training seed.")
@@ -306,13 +310,16 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
     labels, optional split and group columns; or a folder of label folders)."""
     reference = protocol == "reference"
     options = {"n_blocks": n_blocks, "seed": seed, "device": device, "batch_size": batch_size, "epochs": epochs,
-               "bf16": (precision or ("bf16" if reference else "fp32")) == "bf16",
                "crop_seconds": 12.0 if reference else None,
                "learning_rates": tuple(learning_rates) or REFERENCE_LEARNING_RATES,
                "cache": None if no_cache else (cache or _default_cache()), "resplits": resplits}
     try:
         if resplits and reference:
             raise InputError("--resplits works with --protocol logreg (the reference protocol trains 100-epoch heads per split)")
+        slow_bf16 = resolve_device(device).type == "cpu" and not cpu_multiplies_fast(torch.bfloat16)
+        if precision == "bf16" and slow_bf16:
+            click.echo("warning: " + slow_precision_message("--precision bf16", torch.bfloat16), err=True)
+        options["bf16"] = (precision or ("bf16" if reference and not slow_bf16 else "fp32")) == "bf16"
         data = read_labelled(manifest)
         splits, how = split_items(data, seed=seed, valid_share=0.15 if reference else 0.0)
         if not splits["test"]:
