@@ -161,13 +161,12 @@ def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys(m
 @pytest.fixture
 def slow_16_bit_cpu(monkeypatch):
     """This CPU seen as one without oneDNN's 16-bit kernels (AVX2 only), whatever it really has."""
-    import atst_features.loading as loading_module
     import atst_features.model as model_module
 
     def float32_only(dtype):
         return dtype not in (torch.bfloat16, torch.float16)
 
-    for module in (encoder_module, model_module, loading_module):
+    for module in (encoder_module, model_module):
         monkeypatch.setattr(module, "cpu_multiplies_fast", float32_only)
 
 

@@ -176,7 +176,7 @@ def test_clip_preset_from_the_command_line(tmp_path, audio_folder):
 
 def test_a_presets_16_bit_precision_becomes_32_true_on_a_cpu_without_fast_kernels(tmp_path, audio_folder, monkeypatch,
                                                                                     capsys):
-    import atst_features.encoder as encoder_module
+    import atst_features.model as encoder_module  # where the check is called
     from atst_features.training.cli import main as train_main
 
     monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
@@ -192,7 +192,7 @@ def test_a_presets_16_bit_precision_becomes_32_true_on_a_cpu_without_fast_kernel
 
 
 def test_cpu_precision_rule(monkeypatch, capsys):
-    import atst_features.encoder as encoder_module
+    import atst_features.model as encoder_module  # where the check is called
     from atst_features.training.cli import cpu_precision
 
     monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointContents, CheckpointError, build_model, read_checkpoint
-from .encoder import cpu_multiplies_fast
 from .errors import InputError, ModelNotFoundError, SlowPrecisionWarning
 from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
 from .model import ATSTModel, slow_precision_message
@@ -101,8 +100,8 @@ def load_model(
     if dtype is not None and precision is not None:
         raise InputError("give dtype (the weights' dtype) or precision (the compute precision), not both")
     if dtype is not None:
-        if model.device.type == "cpu" and not cpu_multiplies_fast(dtype):
-            warnings.warn(slow_precision_message(f"dtype={dtype}", dtype), SlowPrecisionWarning, stacklevel=2)
+        if slow := slow_precision_message(f"dtype={dtype}", dtype, model.device.type):
+            warnings.warn(f"{slow}; use fp32", SlowPrecisionWarning, stacklevel=2)
         model = model.to(dtype=dtype)
     if precision is not None:
         model.set_precision(precision)

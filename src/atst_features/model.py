@@ -36,13 +36,16 @@ PRECISIONS = {
 }
 
 
-def slow_precision_message(what: str, dtype: torch.dtype) -> str:
-    """One line for a 16-bit ``dtype`` on a CPU without fast kernels for it (see
-    :func:`~atst_features.encoder.cpu_multiplies_fast`); ``what`` names the setting."""
+def slow_precision_message(what: str, dtype: torch.dtype | None, device_type: str = "cpu") -> str | None:
+    """One line (without advice) when computing in ``dtype`` on ``device_type`` is slow: a 16-bit type
+    on a CPU without fast kernels for it (:func:`~atst_features.encoder.cpu_multiplies_fast`); else
+    None. ``what`` names the setting."""
+    if dtype is None or device_type != "cpu" or cpu_multiplies_fast(dtype):
+        return None
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     return (f"{what}: this CPU has no fast {name} matrix kernels (they need AVX512, fast with "
             f"{'AVX512-BF16 or AMX' if dtype == torch.bfloat16 else 'AVX512-FP16 or AMX-FP16'}), so it runs several "
-            f"times slower than fp32 here; use fp32")
+            f"times slower than fp32 here")
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,8 @@ class ATSTModel(nn.Module):
         if self.dtype != torch.float32:
             raise InputError(f"precision={precision!r} needs float32 weights, these are {self.dtype}; load without dtype=")
         half, mixed = PRECISIONS[precision]
-        if self.device.type == "cpu" and not cpu_multiplies_fast(half):
-            warnings.warn(slow_precision_message(f"precision={precision!r}", half), SlowPrecisionWarning, stacklevel=2)
+        if slow := slow_precision_message(f"precision={precision!r}", half, self.device.type):
+            warnings.warn(f"{slow}; use fp32", SlowPrecisionWarning, stacklevel=2)
         if mixed:
             for module in self.encoder.modules():
                 if isinstance(module, nn.Linear):

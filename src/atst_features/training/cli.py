@@ -88,19 +88,18 @@ def cpu_precision(precision, accelerator, explicit: bool):
     note; one given on the command line (``explicit``) stays, with a warning."""
     import torch
 
-    from ..encoder import cpu_multiplies_fast
     from ..model import slow_precision_message
 
     name = str(precision)
     half = torch.bfloat16 if "bf16" in name else torch.float16 if name.startswith("16") else None
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if half is None or not on_cpu or cpu_multiplies_fast(half):
+    message = slow_precision_message(f"--trainer.precision {name}", half) if on_cpu else None
+    if message is None:
         return precision
-    message = slow_precision_message(f"--trainer.precision {name}", half)
     if explicit:
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {message}; use fp32", file=sys.stderr)
         return precision
-    print(f"note: {message.replace('; use fp32', '')}; training in 32-true instead (the preset's {name} "
+    print(f"note: {message}; training in 32-true instead (the preset's {name} "
           f"stays in force with --trainer.precision {name})", file=sys.stderr)
     return "32-true"
 

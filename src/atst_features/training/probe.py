@@ -41,7 +41,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
-from ..encoder import cpu_multiplies_fast
 from ..errors import ATSTError, InputError
 from ..frontend import FrontendConfig, LogMelFrontend
 from ..loading import resolve_device
@@ -316,9 +315,9 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
     try:
         if resplits and reference:
             raise InputError("--resplits works with --protocol logreg (the reference protocol trains 100-epoch heads per split)")
-        slow_bf16 = resolve_device(device).type == "cpu" and not cpu_multiplies_fast(torch.bfloat16)
+        slow_bf16 = slow_precision_message("--precision bf16", torch.bfloat16, resolve_device(device).type)
         if precision == "bf16" and slow_bf16:
-            click.echo("warning: " + slow_precision_message("--precision bf16", torch.bfloat16), err=True)
+            click.echo(f"warning: {slow_bf16}; use fp32", err=True)
         options["bf16"] = (precision or ("bf16" if reference and not slow_bf16 else "fp32")) == "bf16"
         data = read_labelled(manifest)
         splits, how = split_items(data, seed=seed, valid_share=0.15 if reference else 0.0)
