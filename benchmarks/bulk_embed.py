@@ -4,11 +4,12 @@ Writes N WAV files of 1-5 s (uniform, seeded) into a temporary folder, then meas
 1. model only: the decoded waveforms already in memory, embedded in pools of the size atst-embed
    uses (``POOL_BATCHES * batch_size`` windows, sorted by length into batches), no decoding, no files;
 2. atst-embed: the same files from disk (decoding ahead in threads, writing npz), timed by its own
-   summary line (model loading excluded, as for 1).
+   summary line (the parent's model loading excluded, as for 1; with --jobs, the jobs' start and
+   model loading included).
 and prints both in audio-seconds per second and their ratio, with the machine and matmul peaks.
 
     python benchmarks/bulk_embed.py [--files 2000] [--model base|mini|PATH] [--precision bf16] [--level clip]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--jobs 1,2]
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", default="1", help="atst-embed --jobs values to time, comma-separated (e.g. 1,2)")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
@@ -93,16 +95,16 @@ def main() -> None:
             torch.cuda.synchronize(device)
         model_only = seconds / (time.perf_counter() - start)
 
-        command = [sys.executable, "-m", "atst_features", str(data), "-d", str(scratch / "out"), "--model", source,
-                   "--device", args.device, "--precision", args.precision, "--level", args.level,
-                   "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        summary = result.stderr.strip().splitlines()[-1]
-        elapsed = float(re.search(r"in ([\d.]+) s\)", summary).group(1))
-        cli = seconds / elapsed
-    print(f"model only : {model_only:8.1f} audio-s/s")
-    print(f"atst-embed : {cli:8.1f} audio-s/s  ({summary})")
-    print(f"ratio      : {cli / model_only:8.2f}")
+        del model
+        print(f"model only         : {model_only:8.1f} audio-s/s")
+        for jobs in args.jobs.split(","):
+            command = [sys.executable, "-m", "atst_features", str(data), "-d", str(scratch / f"out{jobs}"), "--model",
+                       source, "--device", args.device, "--precision", args.precision, "--level", args.level,
+                       "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--jobs", jobs]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            summary = result.stderr.strip().splitlines()[-1]
+            cli = seconds / float(re.search(r"in ([\d.]+) s\)", summary).group(1))
+            print(f"atst-embed --jobs {jobs}: {cli:8.1f} audio-s/s, {cli / model_only:.2f} of the model alone  ({summary})")
 
 
 if __name__ == "__main__":

@@ -69,16 +69,25 @@ def timed(run, repeats: int, device: torch.device = CPU) -> float:
     return best
 
 
+SLOW_PEAK = 5.0  # GFLOP/s: below this at 512, a dtype has no fast kernels here and is timed at 512 only
+
+
+def _matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    return 2 * size**3 / timed(lambda: a @ b, repeats, device) / 1e9
+
+
 def matmul_peaks(device: torch.device = CPU) -> dict[torch.dtype, float]:
     """Matmul throughput (GFLOP/s) per dtype of square products (2048 on CPU, 8192 on GPU), best of 5:
-    fp32 and bf16, and fp16 on CUDA."""
+    fp32 and bf16, and fp16 on CUDA. A dtype slower than ``SLOW_PEAK`` at 512 (bf16 on CPUs without
+    AVX512: about 0.3 GFLOP/s) is reported at 512, which takes seconds where 2048 takes minutes."""
     size = 8192 if device.type == "cuda" else 2048
     dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())
     peaks = {}
     for dtype in dtypes:
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        b = torch.randn(size, size, dtype=dtype, device=device)
-        peaks[dtype] = 2 * size**3 / timed(lambda a=a, b=b: a @ b, 5, device) / 1e9
+        probe = _matmul_peak(512, dtype, device, 1)
+        peaks[dtype] = probe if probe < SLOW_PEAK else _matmul_peak(size, dtype, device, 5)
     return peaks
 
 

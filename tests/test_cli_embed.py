@@ -228,14 +228,14 @@ def test_long_files_are_streamed_to_disk(tmp_path, frame_small_ckpt, frame_small
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no leftovers
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, how):
+@pytest.mark.parametrize("how, jobs", [(signal.SIGTERM, "1"), (signal.SIGKILL, "1"), (signal.SIGTERM, "2")])
+def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, how, jobs):
     data = tmp_path / "data"
     for index in range(24):
         write_audio(data / f"{index:02d}.wav", 4.0, index)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt),
-               "--level", "both", "--n-blocks", "12", "--batch-size", "1", "-q"]
+               "--level", "both", "--n-blocks", "12", "--batch-size", "1", "--jobs", jobs, "-q"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.npz"))) < 3:
@@ -410,6 +410,62 @@ def test_torchrun_processes_split_the_inputs(tmp_path, frame_small_ckpt, five_fi
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shard 1/2: 3 embedded" in result.stderr and "shard 2/2: 2 embedded" in result.stderr
     _assert_same_outputs(whole, split)
+
+
+def test_jobs_together_equal_one_run(tmp_path, frame_small_ckpt, five_files):
+    (five_files / "broken.wav").write_text("not audio")
+    whole, jobs = tmp_path / "whole", tmp_path / "jobs"
+    assert run(str(five_files), "-d", str(whole), "--level", "both", model=frame_small_ckpt).exit_code == 1
+    result = run(str(five_files), "-d", str(jobs), "--level", "both", "--jobs", "3", model=frame_small_ckpt)
+    assert result.exit_code == 1, result.output
+    assert "5 embedded" in result.output and "1 failed" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "broken.wav" in errors[0] and "cannot decode" in errors[0]
+    _assert_same_outputs(whole, jobs)
+    result = run(str(five_files), "-d", str(jobs), "--jobs", "3", model=frame_small_ckpt)
+    assert "0 embedded" in result.output and "5 skipped" in result.output  # resumes like one process
+
+
+def test_a_job_stops_when_its_parent_is_gone(tmp_path):
+    write_audio(tmp_path / "a.wav", 1.0, 1)
+    item = cli.find_inputs([str(tmp_path / "a.wav")], None)[0]
+    messages = []
+    reporter = cli._JobReporter(type("Queue", (), {"put": lambda self, message: messages.append(message)})(), os.getppid())
+    assert [pair[0] for pair in reporter.decoded([item], 0)] == [item]  # parent alive: goes on
+    orphan = cli._JobReporter(reporter.queue, parent=os.getppid() + 1)
+    with pytest.raises(KeyboardInterrupt):
+        list(orphan.decoded([item], 0))
+    reporter.error(item, cli.InputError("cannot decode"))
+    assert messages == [("failed", f"{str(item.path)!r}: cannot decode")]
+
+
+def _job_processes(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the jobs through Linux's /proc")
+def test_a_killed_job_ends_the_run_with_one_line(tmp_path, frame_small_ckpt):
+    data = tmp_path / "data"
+    for index in range(48):  # 24 per job, in pools of 8: a job is still busy when the first outputs appear
+        write_audio(data / f"{index:02d}.wav", 4.0, index)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt), "--level",
+         "both", "--batch-size", "1", "--jobs", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not out.exists():
+        time.sleep(0.05)
+    jobs = _job_processes(process.pid)
+    assert len(jobs) == 2
+    os.kill(jobs[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        "Error: job 1 of 2 was killed (signal 9, as the out-of-memory killer does); rerun the same command to finish, "
+        "with fewer --jobs or a smaller --batch-size if memory ran out")
+    assert "Traceback" not in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in jobs[1:])  # the other job was stopped
 
 
 def test_dead_writers_temporaries_are_swept_once_per_folder(tmp_path, monkeypatch):

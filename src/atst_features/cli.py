@@ -16,6 +16,7 @@ import traceback
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -295,7 +296,35 @@ def _decoded(items: list[AudioInput], workers: int):
                 future.cancel()
 
 
-class _Run:
+class _Reporter:
+    """Per-file reporting: a run's own (:class:`_Run`) or, in an ``atst-embed --jobs`` process, sent
+    to the parent (:class:`_JobReporter`)."""
+
+    def succeeded(self, audio_seconds: float) -> None:
+        raise NotImplementedError
+
+    def file_failed(self, message: str) -> None:
+        raise NotImplementedError
+
+    def error(self, item: AudioInput, error: BaseException) -> None:
+        """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
+        if not expected_failure(error):
+            raise error
+        message = _message(error)
+        if str(item.path) not in message and repr(str(item.path)) not in message:
+            message = f"{str(item.path)!r}: {message}"
+        self.file_failed(message)
+
+    def decoded(self, items: list[AudioInput], workers: int):
+        """``(item, waveform)`` of the files that decode, in order; the others are reported."""
+        for item, result in _decoded(items, workers):
+            if isinstance(result, BaseException):
+                self.error(item, result)
+            else:
+                yield item, result
+
+
+class _Run(_Reporter):
     """Counts, progress and per-file reporting of one atst-embed run."""
 
     def __init__(self, total: int, quiet: bool, verb: str = "embedded", special: list[Path] = (),
@@ -317,24 +346,10 @@ class _Run:
         self.bar.set_postfix_str(f"{hours:.3f} h audio, {rate:.4f} h/s", refresh=False)
         self.bar.update()
 
-    def error(self, item: AudioInput, error: BaseException) -> None:
-        """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
-        if not expected_failure(error):
-            raise error
+    def file_failed(self, message: str) -> None:
         self.failed += 1
-        message = _message(error)
-        if str(item.path) not in message and repr(str(item.path)) not in message:
-            message = f"{str(item.path)!r}: {message}"
         tqdm.write(f"error: {message}", file=sys.stderr)
         self.bar.update()
-
-    def decoded(self, items: list[AudioInput], workers: int):
-        """``(item, waveform)`` of the files that decode, in order; the others are reported."""
-        for item, result in _decoded(items, workers):
-            if isinstance(result, BaseException):
-                self.error(item, result)
-            else:
-                yield item, result
 
     def summary(self, skipped: int) -> str:
         elapsed = time.perf_counter() - self.started
@@ -353,7 +368,7 @@ class _WritesBehind:
     after the previous one is on disk. A write's OSError fails its file; anything else (a bug) is
     re-raised in the caller's thread."""
 
-    def __init__(self, write, run: _Run) -> None:
+    def __init__(self, write, run: _Reporter) -> None:
         self.write, self.run = write, run
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="atst-write")
         self.pending: list[tuple[AudioInput, float, Future]] = []
@@ -428,6 +443,181 @@ def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base)
         raise
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """Where and how atst-embed writes each input's outputs (a ``--jobs`` process gets its part)."""
+
+    bases: dict[AudioInput, Path]  # output path without suffix
+    fmt: str
+    metadata: dict
+
+    def part(self, items: list[AudioInput]) -> _Outputs:
+        return _Outputs({item: self.bases[item] for item in items}, self.fmt, self.metadata)
+
+    def write(self, item: AudioInput, arrays: dict, frames: FrameStream | None) -> None:
+        write_outputs(self.bases[item], self.fmt, arrays, self.metadata, frames)
+
+
+def _embed_items(model, todo: list[AudioInput], run: _Reporter, outputs: _Outputs, level: str, n_blocks: int,
+                 batch_size: int, num_workers: int) -> None:
+    """Embed ``todo`` (decoding ahead, pooling short files, streaming long ones, writing behind) and
+    report every file to ``run``."""
+    write = outputs.write
+    writer = _WritesBehind(write, run)
+    try:
+        pool, windows, pool_bytes = [], 0, 0
+        for item, result in run.decoded(todo, num_workers):
+            frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
+            if level != "clip" and frame_bytes > STREAM_BYTES:
+                writer.wait()
+                try:
+                    _embed_long(model, item, result, level, n_blocks, batch_size, write, outputs.bases[item])
+                except Exception as error:
+                    run.error(item, error)
+                else:
+                    run.succeeded(len(result) / SAMPLE_RATE)
+                continue
+            # A pool of several batches' worth of files goes to the model at once: it sorts their
+            # windows by length into batches, so short files are padded little.
+            pool.append((item, result))
+            windows += 1 + len(result) // (SAMPLE_RATE * 10)
+            pool_bytes += frame_bytes if level != "clip" else 0
+            if windows >= POOL_BATCHES * batch_size or pool_bytes >= STREAM_BYTES:
+                _embed_batch(model, pool, level, n_blocks, batch_size, writer)
+                pool, windows, pool_bytes = [], 0, 0
+        if pool:
+            _embed_batch(model, pool, level, n_blocks, batch_size, writer)
+        writer.wait()
+    finally:
+        writer.close()
+
+
+class _JobReporter(_Reporter):
+    """In an ``atst-embed --jobs`` process: sends each file's outcome to the parent, and stops (as if
+    interrupted) once the parent is gone, so a killed run leaves no process behind for long."""
+
+    def __init__(self, queue, parent: int) -> None:
+        self.queue, self.parent = queue, parent
+
+    def succeeded(self, audio_seconds: float) -> None:
+        self.queue.put(("done", audio_seconds))
+
+    def file_failed(self, message: str) -> None:
+        self.queue.put(("failed", message))
+
+    def decoded(self, items: list[AudioInput], workers: int):
+        for pair in super().decoded(items, workers):
+            if os.getppid() != self.parent:
+                raise KeyboardInterrupt
+            yield pair
+
+
+def _job(index: int, todo: list[AudioInput], outputs: _Outputs, model_name: str, device: str | None, precision: str,
+         threads: int, options: dict, queue, parent: int) -> None:
+    """One ``--jobs`` process (started by :func:`_run_jobs`): loads the model, embeds its part of the
+    files and ends with ``("end", index)``, after ``("fatal", message)`` for an expected failure that
+    stops it or ``("bug", message)`` (its traceback printed here) for anything else."""
+    from .loading import load_model
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowPrecisionWarning)  # the parent has said it once
+            model = load_model(model_name, device=device, precision=precision)
+        _embed_items(model, todo, _JobReporter(queue, parent), outputs, **options)
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs, as one_line_errors does
+        if expected_failure(error):
+            queue.put(("fatal", _message(error)))
+        else:
+            traceback.print_exc()
+            queue.put(("bug", _message(error)))
+    finally:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second interruption must not cut the last word
+            signal.signal(stop, signal.SIG_IGN)
+        queue.put(("end", index))
+
+
+def _stop(processes) -> None:
+    """Ask running ``--jobs`` processes to stop as if interrupted (SIGTERM)."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+
+
+def _job_ended(index: int, jobs: int, code: int) -> str:
+    """The error of a ``--jobs`` process that ended with exit code ``code`` before saying it was done."""
+    if code < 0:
+        oom = ", as the out-of-memory killer does" if -code == signal.SIGKILL else ""
+        return (f"job {index + 1} of {jobs} was killed (signal {-code}{oom}); rerun the same command to finish, "
+                "with fewer --jobs or a smaller --batch-size if memory ran out")
+    return f"job {index + 1} of {jobs} ended with exit code {code} before finishing (see above); rerun the same command to finish"
+
+
+def _run_jobs(jobs: int, todo: list[AudioInput], run: _Run, outputs: _Outputs, model_name: str, device: str | None,
+              precision: str, options: dict) -> None:
+    """Embed ``todo`` in ``jobs`` processes, each with its own model and every ``jobs``-th file, and
+    report their files to ``run``. CPU threads are split between them; without --device on a CUDA
+    machine, job k uses GPU k mod the number of GPUs."""
+    import multiprocessing
+    import queue as queues
+
+    context = multiprocessing.get_context("spawn")  # a forked child would inherit torch's threads and CUDA state
+    messages = context.Queue()
+    threads = max(1, torch.get_num_threads() // jobs)
+    processes = []
+    for index in range(jobs):
+        job_device = device
+        if device is None and torch.cuda.is_available():
+            job_device = f"cuda:{index % torch.cuda.device_count()}"
+        part = todo[index::jobs]
+        process = context.Process(target=_job, name=f"atst-embed-job-{index + 1}", daemon=True, args=(
+            index, part, outputs.part(part), model_name, job_device, precision, threads, options, messages, os.getpid()))
+        process.start()
+        processes.append(process)
+    running = set(range(jobs))
+    problem = None
+    try:
+        while running:
+            try:
+                kind, value = messages.get(timeout=1.0)
+            except queues.Empty:
+                for index in [index for index in running if processes[index].exitcode is not None]:
+                    code = processes[index].exitcode
+                    if code != 0 and problem is None:  # it ended without a word: killed, or Python itself failed
+                        problem = ("fatal", _job_ended(index, jobs, code))
+                        _stop(processes)
+                    running.discard(index)
+                continue
+            if kind == "done":
+                run.succeeded(value)
+            elif kind == "failed":
+                run.file_failed(value)
+            elif kind == "end":
+                running.discard(value)
+            elif problem is None:  # "fatal" or "bug": reported once the other jobs have stopped
+                problem = (kind, value)
+                _stop(processes)
+    finally:
+        _stop(processes)
+        while any(process.is_alive() for process in processes):  # a job exits once its messages are read
+            try:
+                messages.get(timeout=0.1)
+            except queues.Empty:
+                pass
+        for process in processes:
+            process.join()
+    if problem is not None:
+        kind, message = problem
+        run.bar.close()
+        if kind == "fatal":
+            raise click.ClickException(message)
+        click.echo(BUG_REPORT, err=True)
+        sys.exit(1)
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -457,10 +647,14 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 @click.option("--shard", default=None, metavar="K/N",
               help="Embed only the K-th of N parts of the sorted inputs (array jobs: K = 1..N). Under torchrun, "
               "each process takes its part from RANK and WORLD_SIZE by itself.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes, each with its own model, sharing the files and the CPU threads (without --device, the "
+              "GPUs round-robin). Several pay off when decoding and writing, not the model, set the pace: many short "
+              "files with a small model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
 @one_line_errors
 def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batch_size, num_workers, output_dir, output,
-          fmt, overwrite, shard, quiet) -> None:
+          fmt, overwrite, shard, jobs, quiet) -> None:
     """Embed audio files with an ATST model.
 
     INPUTS are audio files, folders (searched recursively for audio files) or glob patterns
@@ -505,44 +699,21 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
         if not quiet:
             click.echo(run.summary(skipped), err=True)
         return
-    metadata = {"model": str(model_name), "n_blocks": n_blocks}
-
-    def write(item, arrays, frames) -> None:
-        write_outputs(bases[item], fmt, arrays, metadata, frames)
-
+    outputs = _Outputs(bases, fmt, {"model": str(model_name), "n_blocks": n_blocks})
+    options = dict(level=level, n_blocks=n_blocks, batch_size=batch_size, num_workers=num_workers)
+    jobs = min(jobs, len(todo))
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    writer = _WritesBehind(write, run)
     try:
-        pool, windows, pool_bytes = [], 0, 0
-        for item, result in run.decoded(todo, num_workers):
-            frame_bytes = model.num_frame_embeddings(len(result)) * model.frame_embedding_size(n_blocks) * 4
-            if level != "clip" and frame_bytes > STREAM_BYTES:
-                writer.wait()
-                try:
-                    _embed_long(model, item, result, level, n_blocks, batch_size, write, bases[item])
-                except Exception as error:
-                    run.error(item, error)
-                else:
-                    run.succeeded(len(result) / SAMPLE_RATE)
-                continue
-            # A pool of several batches' worth of files goes to the model at once: it sorts their
-            # windows by length into batches, so short files are padded little.
-            pool.append((item, result))
-            windows += 1 + len(result) // (SAMPLE_RATE * 10)
-            pool_bytes += frame_bytes if level != "clip" else 0
-            if windows >= POOL_BATCHES * batch_size or pool_bytes >= STREAM_BYTES:
-                _embed_batch(model, pool, level, n_blocks, batch_size, writer)
-                pool, windows, pool_bytes = [], 0, 0
-        if pool:
-            _embed_batch(model, pool, level, n_blocks, batch_size, writer)
-        writer.wait()
+        if jobs > 1:
+            del model  # each job loads its own
+            _run_jobs(jobs, todo, run, outputs, model_name, device, precision, options)
+        else:
+            _embed_items(model, todo, run, outputs, **options)
     except KeyboardInterrupt:
-        writer.close()
         run.bar.close()
         click.echo(f"interrupted: {run.summary(skipped)}; rerun the same command to finish", err=True)
         sys.exit(130)
     finally:
-        writer.close()
         signal.signal(signal.SIGTERM, previous)
     run.bar.close()
     if not quiet:
