@@ -706,6 +706,8 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
     try:
         if jobs > 1:
             del model  # each job loads its own
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # give the jobs the parent's cached copy of the weights
             _run_jobs(jobs, todo, run, outputs, model_name, device, precision, options)
         else:
             _embed_items(model, todo, run, outputs, **options)
