@@ -14,8 +14,9 @@ import sys
 import time
 import traceback
 import warnings
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -296,15 +297,17 @@ def _decoded(items: list[AudioInput], workers: int):
                 future.cancel()
 
 
-class _Reporter:
+class _Reporter(ABC):
     """Per-file reporting: a run's own (:class:`_Run`) or, in an ``atst-embed --jobs`` process, sent
     to the parent (:class:`_JobReporter`)."""
 
+    @abstractmethod
     def succeeded(self, audio_seconds: float) -> None:
-        raise NotImplementedError
+        """One file embedded and written."""
 
+    @abstractmethod
     def file_failed(self, message: str) -> None:
-        raise NotImplementedError
+        """One file failed in an expected way; ``message`` names it."""
 
     def error(self, item: AudioInput, error: BaseException) -> None:
         """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
@@ -527,7 +530,7 @@ def _job(index: int, todo: list[AudioInput], outputs: _Outputs, model_name: str,
             model = load_model(model_name, device=device, precision=precision)
         _embed_items(model, todo, _JobReporter(queue, parent), outputs, **options)
     except KeyboardInterrupt:
-        pass
+        return  # stopped by the parent, Ctrl-C or the parent's end: the parent reports it; "end" follows
     except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs, as one_line_errors does
         if expected_failure(error):
             queue.put(("fatal", _message(error)))
@@ -603,10 +606,8 @@ def _run_jobs(jobs: int, todo: list[AudioInput], run: _Run, outputs: _Outputs, m
     finally:
         _stop(processes)
         while any(process.is_alive() for process in processes):  # a job exits once its messages are read
-            try:
+            with suppress(queues.Empty):
                 messages.get(timeout=0.1)
-            except queues.Empty:
-                pass
         for process in processes:
             process.join()
     if problem is not None:
