@@ -7,6 +7,7 @@ pretraining, fine-tuning, linear evaluation, C2F distillation and sound event de
 - :mod:`.module`: the pretraining LightningModules :class:`ClipPretraining` and :class:`FramePretraining`;
 - :mod:`.manifests`: labelled audio (CSV/TSV manifests, label folders) and its splits;
 - :mod:`.labelled`: labelled clips for fine-tuning (:class:`LabelledData`);
+- :mod:`.sampling`: label-balanced sampling of training clips, as the reference's AudioSet runs;
 - :mod:`.supervised`: what supervised trainings share (model from a source, layer-wise groups, schedule);
 - :mod:`.finetune`: fine-tuning with layer-wise learning-rate decay (:class:`FineTuning`);
 - :mod:`.distill`: ATST-C2F distillation (:class:`Distillation`);

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..inputs import InputError
 from .manifests import LabelledItem, LabelledSet, read_labelled, split_items
+from .sampling import BalancedSampler, label_balanced_weights
 
 __all__ = ["LabelledClips", "LabelledData", "collate_clips"]
 
+SAMPLINGS = ("shuffle", "balanced")
 
 
 class LabelledClips(Dataset):
@@ -54,7 +56,9 @@ class LabelledData(L.LightningDataModule):
     a folder of label folders. ``valid_manifest`` / ``test_manifest``: separate files for those
     splits (their labels must occur in ``manifest``). Without a split column or files, whole groups
     are held out: ``test_share`` for test, then ``valid_share`` of the rest for validation
-    (seeded by ``seed``). ``batch_size`` is per device.
+    (seeded by ``seed``). ``batch_size`` is per device. ``sampling``: ``"shuffle"`` (each training clip
+    once per epoch) or ``"balanced"`` (as many draws, with replacement, weighted so that rare labels
+    come up about as often as common ones: the reference's AudioSet sampler, see :mod:`.sampling`).
     """
 
     def __init__(
@@ -68,8 +72,13 @@ class LabelledData(L.LightningDataModule):
         test_share: float = 0.3,
         valid_share: float = 0.15,
         seed: int = 0,
+        sampling: str = "shuffle",
     ) -> None:
         super().__init__()
+        if sampling not in SAMPLINGS:
+            raise InputError(f"--data.sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
+        self.sampling = sampling
+        self.seed = seed
         self.crop_seconds = crop_seconds
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -95,15 +104,26 @@ class LabelledData(L.LightningDataModule):
         items = self.splits[name]
         return LabelledClips(items, self.data.targets(items), self.crop_seconds)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, sampler: BalancedSampler | None = None) -> DataLoader:
         if not self.splits[name]:
             raise InputError(f"no {name} clips: give a {name} split in the manifest or a --data.{name}_manifest")
         return DataLoader(
-            self._dataset(name), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=collate_clips, drop_last=False, persistent_workers=self.num_workers > 0,
+            self._dataset(name), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=collate_clips, drop_last=False,
+            persistent_workers=self.num_workers > 0,
         )
 
+    def balanced_sampler(self) -> BalancedSampler:
+        """The training split's :class:`BalancedSampler` for this process's rank (of the trainer's
+        world size; rank 0 of 1 without a trainer)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        weights = label_balanced_weights(self.data.targets(self.splits["train"]))
+        return BalancedSampler(weights, num_replicas=world, rank=rank, seed=self.seed)
+
     def train_dataloader(self) -> DataLoader:
+        if self.sampling == "balanced" and self.splits["train"]:
+            return self._loader("train", shuffle=False, sampler=self.balanced_sampler())
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
