@@ -217,6 +217,22 @@ def test_train_command_usage(tmp_path):
     assert missing.returncode != 0 and "data.path" in missing.stderr
 
 
+
+def test_every_preset_parses(capsys):
+    """A misspelt key or a value of the wrong type in any preset is an error before training starts."""
+    from atst_features.training.cli import PRESETS, main
+
+    required = {"clip": ["--data.path", "x"], "frame": ["--data.path", "x"], "finetune": ["--data.manifest", "x.csv"],
+                "distill": ["--data.manifest", "x.csv", "--model.teacher", "t"], "sed": []}
+    assert len(PRESETS) >= 26
+    for name in PRESETS:
+        method = name.split("-")[0]
+        with pytest.raises(SystemExit) as stop:
+            main([method, "--config", name, *required[method], "--print_config"])
+        printed = capsys.readouterr()
+        assert stop.value.code == 0, f"{name}: {printed.err[-500:]}"
+        assert "\nmodel:" in printed.out and "\ndata:" in printed.out, name
+
 # ------------------------------------------------------------------ data
 def test_folder_crops_pad_short_clips(tmp_path):
     soundfile.write(tmp_path / "short.wav", np.full(8000, 0.5, np.float32), 16000)
