@@ -286,3 +286,43 @@ def test_atst_train_without_the_train_extra_is_one_line(monkeypatch, capsys):
         train_main(["finetune", "--config", "finetune-tiny"])
     assert stopped.value.code == 1
     assert capsys.readouterr().err == "error: atst-train needs the train extra: pip install 'atst-features[train]'\n"
+
+
+@pytest.fixture()
+def one_corrupt_clip(two_classes, tmp_path):
+    """The two classes' manifest with one training clip replaced by a file that is not audio."""
+    rows = (two_classes / "set.csv").read_text().splitlines()
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 8)
+    rows = [rows[0], f"{tmp_path / 'broken.wav'},tone,train"] + [f"{two_classes / row}" for row in rows[1:]]
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "set.csv"
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_atst_train_names_an_unreadable_clip_in_one_line(one_corrupt_clip, workers, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["finetune", "--config", "finetune-tiny", "--data.manifest", str(one_corrupt_clip),
+                    "--data.num_workers", workers, "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 1 and "Traceback" not in err
+    assert errors == [f"error: {str(tmp_path / 'broken.wav')!r}: cannot decode (Error in WAV file. No 'data' chunk "
+                      "marker); convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"]
+
+
+def test_atst_train_keeps_the_traceback_of_a_bug(two_classes, tmp_path, monkeypatch, capsys):
+    from atst_features.training import labelled
+
+    def broken(self, index):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(labelled.LabelledClips, "__getitem__", broken)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["finetune", "--config", "finetune-tiny", "--data.manifest", str(two_classes / "set.csv"),
+                    "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a bug'" in err
+    assert err.rstrip().endswith("please report it with the traceback above")

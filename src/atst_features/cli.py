@@ -49,8 +49,13 @@ def expected_failure(error: BaseException) -> bool:
     )
 
 
-def _message(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def one_line_message(error: BaseException) -> str:
+    """The first line of ``error``'s message; for an error a DataLoader worker raised (re-raised as
+    "Caught X in DataLoader worker process N. Original Traceback ..."), the original's message."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "package.XError: its message"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager
@@ -83,7 +88,7 @@ def one_line_errors(command):
             raise
         except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
             if expected_failure(error):
-                raise click.ClickException(_message(error)) from None
+                raise click.ClickException(one_line_message(error)) from None
             traceback.print_exc()
             click.echo(BUG_REPORT, err=True)
             sys.exit(1)
@@ -313,7 +318,7 @@ class _Reporter(ABC):
         """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
         if not expected_failure(error):
             raise error
-        message = _message(error)
+        message = one_line_message(error)
         if str(item.path) not in message and repr(str(item.path)) not in message:
             message = f"{str(item.path)!r}: {message}"
         self.file_failed(message)
@@ -533,10 +538,10 @@ def _job(index: int, todo: list[AudioInput], outputs: _Outputs, model_name: str,
         return  # stopped by the parent, Ctrl-C or the parent's end: the parent reports it; "end" follows
     except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs, as one_line_errors does
         if expected_failure(error):
-            queue.put(("fatal", _message(error)))
+            queue.put(("fatal", one_line_message(error)))
         else:
             traceback.print_exc()
-            queue.put(("bug", _message(error)))
+            queue.put(("bug", one_line_message(error)))
     finally:
         for stop in (signal.SIGINT, signal.SIGTERM):  # a second interruption must not cut the last word
             signal.signal(stop, signal.SIG_IGN)

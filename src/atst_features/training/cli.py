@@ -13,8 +13,11 @@ bf16-mixed``, ``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` 
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
+
+from ..cli import BUG_REPORT, expected_failure, one_line_message
 
 __all__ = ["main", "PRESETS", "cpu_precision", "preset_path"]
 
@@ -105,6 +108,21 @@ def cpu_precision(precision, accelerator, explicit: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``atst-train``: an expected failure (a bad manifest or model source, an unreadable clip, a full
+    disk, out of memory) ends the run with one ``error:`` line naming it; a bug prints its traceback
+    and asks to be reported. Both exit with code 1."""
+    try:
+        _train(argv)
+    except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
+        if expected_failure(error):
+            print(f"error: {one_line_message(error)}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(BUG_REPORT, file=sys.stderr)
+        sys.exit(1)
+
+
+def _train(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--list-presets"]:
         for name in PRESETS:
