@@ -121,10 +121,17 @@ def test_missing_file():
         load_model("/nonexistent/model.ckpt", device="cpu")
 
 
-def test_text_file(tmp_path):
-    path = tmp_path / "notes.ckpt"
-    path.write_text("hello, I am not a checkpoint\n")
-    with pytest.raises(CheckpointError, match=r"notes\.ckpt.*not a readable PyTorch checkpoint"):
+@pytest.mark.parametrize("name, content", [
+    ("notes.ckpt", b"hello, I am not a checkpoint\n"),
+    ("set.csv", b"path,label\na.wav,dog\n"),  # 'p' is a pickle opcode: the unpickler spoke of "objects beyond tensors"
+    ("clip.wav", b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(32)),
+    ("empty.ckpt", b""),
+], ids=["text", "csv", "wav", "empty"])
+def test_files_that_are_not_checkpoints(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')}': not a readable PyTorch checkpoint: "
+                                              "neither a zip archive nor a pickle"):
         load_model(path, device="cpu")
 
 

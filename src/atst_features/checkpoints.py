@@ -78,7 +78,20 @@ class CheckpointContents:
     hyper_parameters: dict
 
 
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` files do: a zip archive, a pickle of protocol 2 or
+    later (the legacy format), or a tar archive (the oldest one)."""
+    with open(path, "rb") as handle:
+        head = handle.read(262)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"
+
+
 def _torch_load(path: Path) -> object:
+    # Text and audio files fail in the unpickler with messages about opcodes or "objects beyond
+    # tensors", which would send the user looking for code in a CSV file.
+    if not _torch_file(path):
+        raise CheckpointError(f"{str(path)!r}: not a readable PyTorch checkpoint: neither a zip archive nor a pickle "
+                              "(give an ATST checkpoint, a model folder or a registry name)")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
