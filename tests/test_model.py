@@ -169,6 +169,8 @@ def test_bad_file_raises_decode_error(frame_small, tmp_path):
         (np.array([0.0, np.nan, 0.1], np.float32), {}, "NaN or Inf"),
         ([np.zeros(10, np.float32), np.array([np.inf], np.float32)], {}, r"audio\[1\] contains NaN or Inf"),
         (np.zeros((1, 2, 100), np.float32), {}, "3 dimensions"),
+        (np.zeros((16000, 2), np.float32), {}, r"shape \(16000, 2\) would be 16000 clips of 2 samples: is it \[samples, channels\]"),
+        (torch.zeros(48000, 1), {"sample_rate": 48000}, r"48000 clips of 1 samples: .*\(audio.mean\(axis=1\)\)"),
         (np.zeros(100, np.int16), {}, "dtype int16"),
         (torch.zeros(100, dtype=torch.int32), {}, "torch.int32"),
         (np.zeros(100, np.complex64), {}, "complex"),

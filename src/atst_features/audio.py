@@ -28,6 +28,9 @@ BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) decoded at a time: bounds
 INITIAL_SAMPLES = 1 << 22  # first output buffer (16 MB); it grows as samples arrive, never from a header
 RATE_LIMITS = (1000, 768_000)  # sample rates accepted, Hz: beyond them a file or call is refused
 MAX_CHANNELS = 1024
+# [batch, samples] with fewer samples than this per clip (4 ms at 16 kHz, a tenth of a token) and more
+# clips than samples: [samples, channels] audio (as soundfile.read returns it) the wrong way round.
+CHANNELS_LAST_BELOW = 64
 CONVERT_HINT = "convert it to WAV/FLAC/OGG/MP3, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav"
 
 
@@ -243,6 +246,13 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE)
             )
         if waveform.shape[0] == 0:
             raise EmptyAudioError("audio has a batch of 0 items")
+        rows, columns = waveform.shape
+        if 0 < columns < CHANNELS_LAST_BELOW and rows > columns:
+            raise ValueError(
+                f"audio of shape {(rows, columns)} would be {rows} clips of {columns} samples: is it [samples, "
+                "channels], as soundfile.read returns? Downmix it (audio.mean(axis=1)) or pass audio.T for one "
+                "clip per channel"
+            )
         items = list(waveform)
         is_list = False
 
