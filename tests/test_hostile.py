@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import atst_features
 from atst_features import ATSTError, CheckpointError, load_model, save_pretrained
 from atst_features.cli import convert, embed
 from atst_features.encoder import EncoderConfig
@@ -169,6 +171,18 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, folder, monkeypatch):
     assert "this is a bug in atst-features" in result.output
 
 
+def test_weight_dtypes_by_name_and_bad_ones_in_one_line(folder):
+    from atst_features.inputs import InputError
+
+    for name, dtype in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("fp32", torch.float32)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", atst_features.SlowPrecisionWarning)  # 16-bit on a CPU without fast kernels
+            assert load_model(folder, device="cpu", dtype=name).dtype == dtype
+    for bad in ("int8", torch.int8, "bfloat17"):  # torch printed its overloads of Tensor.to for a name
+        with pytest.raises(InputError, match=rf"dtype {bad!r} is not a weight dtype: use torch.float32"):
+            load_model(folder, device="cpu", dtype=bad)
+
+
 def test_unavailable_devices_are_one_line(tmp_path, folder):
     from atst_features.inputs import InputError
 
@@ -177,6 +191,12 @@ def test_unavailable_devices_are_one_line(tmp_path, folder):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="'cuda' is not available here"):
             load_model(folder, device="cuda")
+    if not torch.backends.mps.is_available():  # PyTorch raised RuntimeError: not linked with support for mps
+        with pytest.raises(InputError, match=r"'mps' is not available here \(no Apple GPU"):
+            load_model(folder, device="mps")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(InputError, match=r"'xpu' is not available here \(.+\); use cpu$"):
+            load_model(folder, device="xpu")
     import soundfile
 
     soundfile.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.float32), 16000)

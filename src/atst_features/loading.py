@@ -15,7 +15,7 @@ from .model import ATSTModel, slow_precision_message
 from .official import fetch_official
 from .pretrained import is_pretrained_folder, read_pretrained
 
-__all__ = ["load_model", "read_source", "resolve_device"]
+__all__ = ["load_model", "read_source", "resolve_device", "resolve_dtype"]
 
 # A source with one of these suffixes is a file path, never a Hub id.
 CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
@@ -32,7 +32,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise InputError(f"device {str(device)!r} is not available here ({torch.cuda.device_count()} CUDA devices); use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {str(device)!r} is not available here (no Apple GPU, or PyTorch built without it); use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):  # xpu, ...: ask the backend itself
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            reason = str(error).split(". ")[0] if str(error) else type(error).__name__
+            raise InputError(f"device {str(device)!r} is not available here ({reason}); use cpu") from None
     return device
+
+
+# Weight dtypes load_model takes, by the names people write them with.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a floating-point torch dtype: a ``torch.dtype`` or one of :data:`DTYPES`' names
+    (``"bfloat16"``, ``"torch.bfloat16"``, ``"bf16"``, ...); :class:`InputError` for anything else."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputError(f"dtype {dtype!r} is not a weight dtype: use torch.float32, torch.bfloat16, torch.float16 or "
+                     "torch.float64 (or their names)")
 
 
 def _read_local(path: Path) -> CheckpointContents:
@@ -73,7 +98,7 @@ def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     precision: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -88,17 +113,18 @@ def load_model(
     ATST-SED or bare encoder state dict). ``revision``: a Hub branch, tag or commit to pin.
     ``cache_dir``: the Hub cache (default from ``HF_HUB_CACHE`` / ``HF_HOME``). ``force_download``:
     fetch again even if cached. ``device``: default CUDA when available, else CPU. ``dtype``: the
-    weights' dtype, e.g. ``torch.bfloat16`` (outputs in it; the front end always computes in
+    weights' dtype, e.g. ``torch.bfloat16`` or ``"bfloat16"`` (outputs in it; the front end always computes in
     float32). ``precision``: the encoder's compute precision with float32 outputs, ``"fp32"``,
     ``"bf16"`` (fastest on CPUs with AMX / AVX512-BF16 and on GPUs), ``"fp16"``, ``"bf16-mixed"`` or
     ``"fp16-mixed"``; see :meth:`ATSTModel.set_precision`.
     """
+    if dtype is not None and precision is not None:
+        raise InputError("give dtype (the weights' dtype) or precision (the compute precision), not both")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)  # before any download
     contents, local = read_source(source, revision=revision, cache_dir=cache_dir, force_download=force_download)
     model = build_model(contents)
     model.provenance["source_file"] = local.name
-    model = model.to(device=resolve_device(device))
-    if dtype is not None and precision is not None:
-        raise InputError("give dtype (the weights' dtype) or precision (the compute precision), not both")
+    model = model.to(device=device)
     if dtype is not None:
         if slow := slow_precision_message(f"dtype={dtype}", dtype, model.device.type):
             warnings.warn(f"{slow}; use fp32", SlowPrecisionWarning, stacklevel=2)
