@@ -269,3 +269,34 @@ def test_event_model_card_shows_detection(event_model, tmp_path):
     card = (folder / "README.md").read_text()
     assert "## Sound event detection" in card and "`beep`, `buzz`, `hiss`" in card and "atst-detect" in card
     assert "## Tagging" not in card
+
+
+@pytest.mark.parametrize("mode, training", [
+    ("last", {"blocks[0]": False, "blocks[-1]": True, "norm": True, "head": True}),
+    ("freeze", {"blocks[0]": False, "blocks[-1]": False, "norm": False, "head": True}),
+    ("full", {"blocks[0]": True, "blocks[-1]": True, "norm": True, "head": True}),
+])
+def test_parts_that_do_not_train_run_in_eval_mode(tmp_path, mode, training):
+    """The reference's DESED step: encoder.eval(), then the trained parts back in training mode
+    (frozen blocks with DropPath would compute other features than at inference)."""
+    import lightning as L
+
+    from atst_features.training.sed import EventData, SoundEventDetection
+
+    write_scenes(tmp_path, 8, 2.0, seed=0)
+    data = EventData(str(tmp_path / "audio"), strong=str(tmp_path / "strong.tsv"), batch_size=4, num_workers=0)
+    module = SoundEventDetection(init="atst-frame-mini", labels=data.label_names, mode=mode, max_epochs=1,
+                                 warmup_epochs=0)
+    seen = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            encoder = module.model.encoder
+            parts = {"blocks[0]": encoder.blocks[0], "blocks[-1]": encoder.blocks[-1], "norm": encoder.norm,
+                     "head": module.model.head}
+            seen.append({name: part.training for name, part in parts.items()})
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Modes()])
+    trainer.fit(module, datamodule=data)
+    assert seen == [training, training]

@@ -296,7 +296,21 @@ class SoundEventDetection(SupervisedTraining):
         mel, n_frames = self.spectrograms(batch[0], batch[1])
         return (mel, n_frames, *self.outputs(self.model, mel, n_frames))
 
+    def _frozen_parts_in_eval_mode(self) -> None:
+        """As the reference's DESED training step (``encoder.eval()``, then the trained parts back to
+        training): in ``freeze`` and ``last`` mode the encoder parts that do not train run in eval mode,
+        without DropPath, so they compute the features they will give at inference. With a teacher the
+        whole student trains in training mode, as the reference's C2F module does."""
+        if self.teacher is not None or self.hparams.mode == "full":
+            return
+        encoder = self.model.encoder
+        encoder.eval()
+        if self.hparams.mode == "last":
+            encoder.blocks[-1].train()
+            encoder.norm.train()
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        self._frozen_parts_in_eval_mode()
         lr = self.update_learning_rate()
         mel, n_frames, strong, weak, n_tokens = self._forward(batch)
         loss = self._supervised(*self._labelled(strong, weak, n_tokens, batch))
