@@ -108,6 +108,36 @@ def test_label_mixup_mixes_inputs_and_targets_with_one_weight():
     assert mixup.filled == 4 and mixup.position == 0
 
 
+def test_label_mixup_of_different_lengths_mixes_as_the_reference():
+    """MixupSpecLabel: a shorter bank clip mixes over its own length at a random offset (the rest of
+    x unmixed); a longer one gives a random segment of x's length; padding is never mixed in."""
+    mixup = LabelMixup(alpha=0.5, memory=1, frames=20)
+    rng = np.random.default_rng(3)
+    z = torch.full((1, 2, 20), 10.0)
+    z[0, :, :4] = 2.0  # bank entry: 4 valid frames of 2.0, then padding
+    mixup(z, torch.tensor([[0.0, 1.0]]), rng, torch.tensor([4]))
+    starts = set()
+    for _ in range(30):
+        x = torch.zeros(1, 2, 20)  # 12 valid frames of 0.0, then padding of 0.0
+        mixed, y = mixup(x, torch.tensor([[1.0, 0.0]]), rng, torch.tensor([12]))
+        lam = float(y[0, 0])
+        changed = (mixed[0, 0] != 0).nonzero().flatten().tolist()
+        assert len(changed) == 4 and changed == list(range(changed[0], changed[0] + 4)) and changed[-1] < 12
+        torch.testing.assert_close(mixed[0, :, changed], torch.full((2, 4), (1 - lam) * 2.0))
+        starts.add(changed[0])
+        mixup(z, torch.tensor([[0.0, 1.0]]), rng, torch.tensor([4]))  # the short entry back in the bank
+    assert starts <= set(range(8)) and len(starts) > 3  # offsets 0..7, as numpy's randint(0, 12 - 4)
+
+    long = torch.arange(20.0).expand(1, 2, 20).clone()  # 16 valid frames 0..15, then 16..19 as padding
+    mixup(long, torch.tensor([[0.0, 1.0]]), rng, torch.tensor([16]))
+    x = torch.zeros(1, 2, 20)
+    mixed, y = mixup(x, torch.tensor([[1.0, 0.0]]), rng, torch.tensor([5]))
+    segment = mixed[0, 0, :5] / (1 - float(y[0, 0]))  # (1 - lam) * z[start:start + 5]
+    start = round(float(segment[0]))
+    torch.testing.assert_close(segment, torch.arange(start, start + 5.0))
+    assert 0 <= start < 11 and bool((mixed[0, :, 5:] == 0).all())  # inside z's 16 frames; x's padding untouched
+
+
 # ------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory):

@@ -157,6 +157,23 @@ def test_random_resize_crop_shape():
     assert not torch.equal(out, x)
 
 
+def test_random_resize_crop_crops_each_item_over_its_own_frames():
+    """In a zero-padded batch, as the reference crops each clip before batching: a short clip's
+    output comes from its own frames only, its padding stays, and it equals cropping it alone."""
+    crop = RandomResizeCrop()
+    x = torch.full((4, 64, 301), 1000.0)  # the padding: a value no crop of the clips comes near
+    lengths = torch.tensor([40, 101, 301, 7])
+    for index, length in enumerate(lengths.tolist()):
+        x[index, :, :length] = torch.randn(64, length)
+    out = crop(x, torch.Generator().manual_seed(1), lengths)
+    for index, length in enumerate(lengths.tolist()):
+        assert out[index, :, :length].abs().max() < 20, index  # bicubic overshoot at most, no padding
+        assert bool((out[index, :, length:] == 1000.0).all())
+    alone = crop(x[1:2, :, :101], torch.Generator().manual_seed(2))
+    in_batch = crop(x[1:2], torch.Generator().manual_seed(2), lengths[1:2])
+    torch.testing.assert_close(in_batch[0, :, :101], alone[0], rtol=0, atol=1e-6)
+
+
 def test_frequency_only_crop_keeps_time_frames():
     crop = RandomResizeCrop((1.0, 1.0), time_scale=(1.0, 1.0))  # ATST-Frame's student view
     over_time = torch.randn(5, 1, 120).expand(5, 64, 120).contiguous()  # every frame constant over mel bins

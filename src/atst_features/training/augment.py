@@ -75,11 +75,15 @@ class Mixup(nn.Module):
 
 
 class LabelMixup(nn.Module):
-    """The reference's fine-tuning mixup (``FinetuneTargetTransform``): a FIFO bank of the last
-    ``memory`` unmixed ``(input, target)`` pairs; once it holds any, each item is mixed (with
-    probability ``ratio``; the reference: 1, and 0.5 for AudioSet) linearly with a uniformly drawn
-    bank entry: ``lam * x + (1 - lam) * z`` and ``lam * y + (1 - lam) * y_z``, ``lam ~ Beta(alpha, alpha)``. Inputs ``[B, F, T]`` (the bank keeps ``frames`` columns per item,
-    zero-padded) and float targets ``[B, C]``. Draws come from the ``numpy.random.Generator`` given.
+    """The reference's fine-tuning mixup (``FinetuneTargetTransform`` / ``MixupSpecLabel``): a FIFO bank
+    of the last ``memory`` unmixed ``(input, target)`` pairs; once it holds any, each item is mixed
+    (with probability ``ratio``; the reference: 1, and 0.5 for AudioSet) linearly with a uniformly
+    drawn bank entry z: ``lam * x + (1 - lam) * z`` and ``lam * y + (1 - lam) * y_z``,
+    ``lam ~ Beta(alpha, alpha)``. Clips of different lengths mix as the reference's: a shorter z over
+    its own length at a random offset in x (the rest of x unmixed), a longer z by a random segment of
+    x's length. Inputs ``[B, F, T]`` with valid frames ``n_frames [B]`` (the bank keeps up to
+    ``frames`` of them per item) and float targets ``[B, C]``. Draws come from the
+    ``numpy.random.Generator`` given.
     """
 
     def __init__(self, alpha: float = 0.5, memory: int = 5000, frames: int = 1201, ratio: float = 1.0) -> None:
@@ -89,38 +93,55 @@ class LabelMixup(nn.Module):
         self.alpha, self.memory, self.frames, self.ratio = alpha, memory, frames, ratio
         self.register_buffer("inputs", torch.empty(0), persistent=False)
         self.register_buffer("targets", torch.empty(0), persistent=False)
+        self.lengths: list[int] = [0] * memory  # valid frames of each bank entry
         self.filled = 0
         self.position = 0
 
-    def _push(self, x: Tensor, y: Tensor) -> None:
-        x, y = x.detach()[-self.memory :, :, : self.frames], y.detach()[-self.memory :]
+    def _push(self, x: Tensor, y: Tensor, lengths: list[int]) -> None:
+        x, y, lengths = x.detach()[-self.memory :, :, : self.frames], y.detach()[-self.memory :], lengths[-self.memory :]
         if self.inputs.numel() == 0:
             self.inputs = x.new_zeros((self.memory, x.shape[1], self.frames))
             self.targets = y.new_zeros((self.memory, *y.shape[1:]))
-        slots = (self.position + torch.arange(len(x), device=x.device)) % self.memory
+        slots = ((self.position + torch.arange(len(x))) % self.memory).tolist()
         self.inputs[slots] = 0.0
         self.inputs[slots, :, : x.shape[-1]] = x
         self.targets[slots] = y
+        for slot, length in zip(slots, lengths):
+            self.lengths[slot] = min(length, self.frames)
         self.position = (self.position + len(x)) % self.memory
         self.filled = min(self.filled + len(x), self.memory)
 
-    def forward(self, x: Tensor, y: Tensor, rng) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor, rng, n_frames: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lengths = [x.shape[-1]] * len(x) if n_frames is None else n_frames.clamp(1, x.shape[-1]).tolist()
         mixed_x, mixed_y = x, y
         if self.filled:
-            batch, width = len(x), min(x.shape[-1], self.frames)
-            chosen = torch.as_tensor(rng.integers(self.filled, size=batch), device=x.device)
+            batch = len(x)
+            chosen = rng.integers(self.filled, size=batch)
             lam = rng.beta(self.alpha, self.alpha, size=batch)
-            lam = torch.as_tensor(np.where(rng.random(batch) < self.ratio, lam, 1.0), dtype=x.dtype, device=x.device)
+            lam = np.where(rng.random(batch) < self.ratio, lam, 1.0)
             mixed_x = x.clone()
-            mixed_x[..., :width] = lam[:, None, None] * x[..., :width] + (1 - lam[:, None, None]) * self.inputs[chosen, :, :width]
+            for index, (slot, weight) in enumerate(zip(chosen.tolist(), lam.tolist())):
+                if weight == 1.0:
+                    continue
+                own, other = lengths[index], self.lengths[slot]
+                z = self.inputs[slot]
+                if own > other:  # z over its own length, at a random offset in x
+                    start = int(rng.integers(own - other))
+                    part = x[index, :, start : start + other]
+                    mixed_x[index, :, start : start + other] = weight * part + (1 - weight) * z[:, :other]
+                else:  # a random segment of z as long as x (all of z when as long)
+                    start = int(rng.integers(other - own)) if other > own else 0
+                    mixed_x[index, :, :own] = weight * x[index, :, :own] + (1 - weight) * z[:, start : start + own]
+            lam = torch.as_tensor(lam, dtype=y.dtype, device=y.device)
+            chosen = torch.as_tensor(chosen, device=y.device)
             mixed_y = lam[:, None] * y + (1 - lam[:, None]) * self.targets[chosen]
-        self._push(x, y)
+        self._push(x, y, lengths)
         return mixed_x, mixed_y
 
 
 class RandomResizeCrop(nn.Module):
-    """BYOL-A's random resize crop: paste each ``[F, T]`` item at the centre of a canvas of
-    ``virtual_crop_scale`` times its size filled with ``canvas_value``, take a random crop whose
+    """BYOL-A's random resize crop: paste each ``[F, T]`` item (its valid frames: see :meth:`forward`)
+    at the centre of a canvas of ``virtual_crop_scale`` times its size filled with ``canvas_value``, take a random crop whose
     height and width are ``freq_scale`` / ``time_scale`` times the item's, and resize it back
     (bicubic, corners aligned). ``virtual_crop_scale=(1, 1)`` with ``time_scale=(1, 1)`` is the
     frequency-only crop of ATST-Frame: time frames are kept exactly.
@@ -141,25 +162,35 @@ class RandomResizeCrop(nn.Module):
         self.time_scale = tuple(time_scale)
         self.canvas_value = canvas_value
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, n_frames: Tensor | None = None) -> Tensor:
+        """``x [B, F, T]`` -> cropped and resized ``[B, F, T]``. ``n_frames [B]``: each item's valid frames
+        in a zero-padded batch; an item is cropped over its own frames only (the reference crops each
+        clip before batching) and its padding is left as it is. None: every item fills ``T``."""
         batch, height, width = x.shape
         device = x.device
-        canvas_h, canvas_w = int(height * self.virtual_crop_scale[0]), int(width * self.virtual_crop_scale[1])
-        top, left = (canvas_h - height) // 2, (canvas_w - width) // 2
-        if (canvas_h, canvas_w) == (height, width):
-            canvas = x
-        else:
-            canvas = x.new_full((batch, canvas_h, canvas_w), self.canvas_value)
-            canvas[:, top : top + height, left : left + width] = x
+        widths = [width] * batch if n_frames is None else n_frames.clamp(1, width).tolist()
+        canvas_h = int(height * self.virtual_crop_scale[0])
+        canvas_ws = [int(w * self.virtual_crop_scale[1]) for w in widths]
+        top = (canvas_h - height) // 2
+        widths_t = torch.tensor(widths, device=device)
         crop_h = (_uniform(batch, *self.freq_scale, generator, device) * height).long().clamp(1, canvas_h)
-        crop_w = (_uniform(batch, *self.time_scale, generator, device) * width).long().clamp(1, canvas_w)
+        crop_w = (_uniform(batch, *self.time_scale, generator, device) * widths_t).long()
+        crop_w = torch.minimum(crop_w.clamp(min=1), torch.tensor(canvas_ws, device=device))
         # inclusive upper bounds, like random.randint(0, canvas - size)
         rows = (torch.rand(batch, generator=generator, device=device) * (canvas_h - crop_h + 1)).long()
-        cols = (torch.rand(batch, generator=generator, device=device) * (canvas_w - crop_w + 1)).long()
-        out = torch.empty_like(x)
+        cols = (torch.rand(batch, generator=generator, device=device) * (torch.tensor(canvas_ws, device=device) - crop_w + 1)).long()
+        out = x.clone() if n_frames is not None else torch.empty_like(x)
         for index, (i, j, h, w) in enumerate(zip(rows.tolist(), cols.tolist(), crop_h.tolist(), crop_w.tolist())):
-            crop = canvas[index, i : i + h, j : j + w][None, None]
-            out[index] = F.interpolate(crop, size=(height, width), mode="bicubic", align_corners=True)[0, 0]
+            item_w, canvas_w = widths[index], canvas_ws[index]
+            item = x[index, :, :item_w]
+            if (canvas_h, canvas_w) == (height, item_w):
+                canvas = item
+            else:
+                left = (canvas_w - item_w) // 2
+                canvas = x.new_full((canvas_h, canvas_w), self.canvas_value)
+                canvas[top : top + height, left : left + item_w] = item
+            crop = canvas[i : i + h, j : j + w][None, None]
+            out[index, :, :item_w] = F.interpolate(crop, size=(height, item_w), mode="bicubic", align_corners=True)[0, 0]
         return out
 
 

@@ -122,9 +122,9 @@ class FineTuning(SupervisedTraining):
         if self.bce and not self.hparams.multi_label:
             y = F.one_hot(targets, len(self.hparams.labels)).float()
         if self.mixup is not None:
-            mel, y = self.mixup(mel, y, self.rng)
+            mel, y = self.mixup(mel, y, self.rng, n_frames)
         if self.crop is not None:
-            mel = self.crop(mel, self.generator)
+            mel = self.crop(mel, self.generator, n_frames)
         return mel, n_frames, y
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
