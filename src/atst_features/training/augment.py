@@ -141,8 +141,8 @@ class LabelMixup(nn.Module):
 
 class RandomResizeCrop(nn.Module):
     """BYOL-A's random resize crop: paste each ``[F, T]`` item (its valid frames: see :meth:`forward`)
-    at the centre of a canvas of ``virtual_crop_scale`` times its size filled with ``canvas_value``, take a random crop whose
-    height and width are ``freq_scale`` / ``time_scale`` times the item's, and resize it back
+    at the centre of a canvas of ``virtual_crop_scale`` times its size filled with ``canvas_value``,
+    take a random crop whose height and width are ``freq_scale`` / ``time_scale`` times the item's, and resize it back
     (bicubic, corners aligned). ``virtual_crop_scale=(1, 1)`` with ``time_scale=(1, 1)`` is the
     frequency-only crop of ATST-Frame: time frames are kept exactly.
 
@@ -172,13 +172,13 @@ class RandomResizeCrop(nn.Module):
         canvas_h = int(height * self.virtual_crop_scale[0])
         canvas_ws = [int(w * self.virtual_crop_scale[1]) for w in widths]
         top = (canvas_h - height) // 2
-        widths_t = torch.tensor(widths, device=device)
+        item_widths, canvas_widths = torch.tensor(widths, device=device), torch.tensor(canvas_ws, device=device)
         crop_h = (_uniform(batch, *self.freq_scale, generator, device) * height).long().clamp(1, canvas_h)
-        crop_w = (_uniform(batch, *self.time_scale, generator, device) * widths_t).long()
-        crop_w = torch.minimum(crop_w.clamp(min=1), torch.tensor(canvas_ws, device=device))
+        crop_w = (_uniform(batch, *self.time_scale, generator, device) * item_widths).long()
+        crop_w = torch.minimum(crop_w.clamp(min=1), canvas_widths)
         # inclusive upper bounds, like random.randint(0, canvas - size)
         rows = (torch.rand(batch, generator=generator, device=device) * (canvas_h - crop_h + 1)).long()
-        cols = (torch.rand(batch, generator=generator, device=device) * (torch.tensor(canvas_ws, device=device) - crop_w + 1)).long()
+        cols = (torch.rand(batch, generator=generator, device=device) * (canvas_widths - crop_w + 1)).long()
         out = x.clone() if n_frames is not None else torch.empty_like(x)
         for index, (i, j, h, w) in enumerate(zip(rows.tolist(), cols.tolist(), crop_h.tolist(), crop_w.tolist())):
             item_w, canvas_w = widths[index], canvas_ws[index]
