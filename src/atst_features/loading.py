@@ -54,8 +54,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     (``"bfloat16"``, ``"torch.bfloat16"``, ``"bf16"``, ...); :class:`InputError` for anything else."""
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, str) and (name := dtype.removeprefix("torch.")) in DTYPES:
+        return DTYPES[name]
     raise InputError(f"dtype {dtype!r} is not a weight dtype: use torch.float32, torch.bfloat16, torch.float16 or "
                      "torch.float64 (or their names)")
 

@@ -104,27 +104,26 @@ class LabelledData(L.LightningDataModule):
         items = self.splits[name]
         return LabelledClips(items, self.data.targets(items), self.crop_seconds)
 
-    def _loader(self, name: str, shuffle: bool, sampler: BalancedSampler | None = None) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, balanced: bool = False) -> DataLoader:
         if not self.splits[name]:
             raise InputError(f"no {name} clips: give a {name} split in the manifest or a --data.{name}_manifest")
+        dataset = self._dataset(name)
+        sampler = self._balanced_sampler(dataset.targets) if balanced else None
         return DataLoader(
-            self._dataset(name), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+            dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=self.num_workers, collate_fn=collate_clips, drop_last=False,
             persistent_workers=self.num_workers > 0,
         )
 
-    def balanced_sampler(self) -> BalancedSampler:
-        """The training split's :class:`BalancedSampler` for this process's rank (of the trainer's
-        world size; rank 0 of 1 without a trainer)."""
+    def _balanced_sampler(self, targets) -> BalancedSampler:
+        """A :class:`BalancedSampler` over clips with ``targets`` for this process's rank (of the
+        trainer's world size; rank 0 of 1 without a trainer)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        weights = label_balanced_weights(self.data.targets(self.splits["train"]))
-        return BalancedSampler(weights, num_replicas=world, rank=rank, seed=self.seed)
+        return BalancedSampler(label_balanced_weights(targets), num_replicas=world, rank=rank, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        if self.sampling == "balanced" and self.splits["train"]:
-            return self._loader("train", shuffle=False, sampler=self.balanced_sampler())
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True, balanced=self.sampling == "balanced")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", shuffle=False)
