@@ -9,7 +9,8 @@ import soxr
 import torch
 from conftest import waveform
 
-from atst_features.audio import AudioDecodeError, EmptyAudioError, load_audio
+from atst_features.audio import load_audio
+from atst_features.errors import AudioDecodeError, EmptyAudioError
 
 FORMATS = [  # (suffix, soundfile format, subtype, tolerance of the decoded samples)
     (".wav", "WAV", "PCM_U8", 1e-2),

@@ -16,7 +16,7 @@ from conftest import write_audio
 from atst_features import load_model
 from atst_features.cli import convert, tag
 from atst_features.encoder import EncoderConfig
-from atst_features.inputs import InputError
+from atst_features.errors import InputError
 from atst_features.heads import LinearHead, audioset_labels
 from atst_features.model import ATSTModel, ModelConfig
 from atst_features.training.augment import LabelMixup

@@ -172,7 +172,7 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, folder, monkeypatch):
 
 
 def test_weight_dtypes_by_name_and_bad_ones_in_one_line(folder):
-    from atst_features.inputs import InputError
+    from atst_features.errors import InputError
 
     for name, dtype in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("fp32", torch.float32)):
         with warnings.catch_warnings():
@@ -184,7 +184,7 @@ def test_weight_dtypes_by_name_and_bad_ones_in_one_line(folder):
 
 
 def test_unavailable_devices_are_one_line(tmp_path, folder):
-    from atst_features.inputs import InputError
+    from atst_features.errors import InputError
 
     with pytest.raises(InputError, match="is not a device name"):
         load_model(folder, device="gpu-please")
@@ -202,3 +202,47 @@ def test_unavailable_devices_are_one_line(tmp_path, folder):
     soundfile.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
     result = CliRunner().invoke(embed, [str(tmp_path / "a.wav"), "--model", str(folder), "--device", "gpu-please"])
     assert result.exit_code == 1 and "is not a device name" in result.output and "Traceback" not in result.output
+
+
+def _user_mistakes():
+    """(name, call) pairs: each call is a mistake a user can make in the library or in training."""
+    from atst_features import hear
+    from atst_features.frontend import FrontendConfig
+
+    frame = ATSTModel(ModelConfig("frame", EncoderConfig(cls_token=False, embed_dim=32, depth=2, num_heads=2,
+                                                         mlp_hidden_dim=64)))
+    mistakes = [
+        ("encoder size", lambda: EncoderConfig.of_size("huge", cls_token=False)),
+        ("encoder heads", lambda: EncoderConfig(cls_token=False, embed_dim=30, num_heads=4)),
+        ("layer norm epsilon 0", lambda: EncoderConfig(cls_token=False, layer_norm_eps=0.0)),
+        ("front end", lambda: FrontendConfig(f_min=8000.0, f_max=100.0)),
+        ("model kind", lambda: ModelConfig("frame", EncoderConfig(cls_token=True))),
+        ("n_blocks", lambda: frame.get_frame_embeddings(np.zeros(1000, np.float32), n_blocks=3)),
+        ("audio type", lambda: frame.get_clip_embedding({"samples": [0.0]})),
+        ("audio dtype", lambda: frame.get_clip_embedding(np.zeros(1000, np.int16))),
+        ("no head", lambda: frame.get_tag_logits(np.zeros(1000, np.float32))),
+        ("HEAR audio", lambda: hear.get_scene_embeddings(np.zeros((1, 1000)), hear.HearModel(frame))),
+    ]
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        return mistakes
+    from atst_features.training.augment import LabelMixup, Mixup
+    from atst_features.training.sampling import BalancedSampler
+    from atst_features.training.sed import SoundEventDetection
+
+    return mistakes + [
+        ("mixup memory", lambda: Mixup(0.4, 0)),
+        ("label mixup", lambda: LabelMixup(0.5, 10, 100, ratio=2.0)),
+        ("sampler weights", lambda: BalancedSampler(torch.zeros(4), num_replicas=1, rank=0)),
+        ("SED mode", lambda: SoundEventDetection(init="atst-frame-mini", labels=["a"], mode="everything")),
+        ("SED labels", lambda: SoundEventDetection(init="atst-frame-mini", labels=[])),
+    ]
+
+
+def test_user_mistakes_raise_members_of_the_family():
+    """Each mistake is an ATSTError (so the commands print it as one error: line, not as a bug)."""
+    for name, call in _user_mistakes():
+        with pytest.raises(ATSTError) as caught:
+            call()
+        assert "\n" not in str(caught.value), name

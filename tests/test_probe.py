@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from conftest import write_audio
 
-from atst_features.inputs import InputError
+from atst_features.errors import InputError
 from atst_features.training.manifests import grouped_folds, grouped_holdout, read_labelled
 from atst_features.training.metrics import average_precision, mean_average_precision
 from atst_features.training.probe import fit_linear, linear_probe, main

@@ -16,7 +16,7 @@ from torch.utils.data import WeightedRandomSampler
 
 L = pytest.importorskip("lightning")
 
-from atst_features.inputs import InputError  # noqa: E402
+from atst_features.errors import InputError  # noqa: E402
 from atst_features.training.labelled import LabelledData  # noqa: E402
 from atst_features.training.sampling import BalancedSampler, label_balanced_weights  # noqa: E402
 

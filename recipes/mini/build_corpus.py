@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from atst_features.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError, load_audio
+from atst_features.audio import SAMPLE_RATE, load_audio
+from atst_features.errors import AudioDecodeError, EmptyAudioError
 
 SEED = 20261202
 AUDIO = re.compile(r"\.(wav|ogg|oga|opus|flac)$", re.IGNORECASE)

@@ -1,17 +1,7 @@
 """ATST audio representations: clip-level and frame-level embeddings from ATST-Clip, ATST-Frame and ATST-C2F."""
 
-from .errors import (
-    ATSTError,
-    AudioDecodeError,
-    CheckpointError,
-    ChecksumError,
-    DownloadError,
-    EmptyAudioError,
-    InputError,
-    ModelNotFoundError,
-    OutputError,
-    SlowPrecisionWarning,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403 - the error family, listed in errors.__all__
 from .convert import convert_checkpoint
 from .hub import PretrainedModel, list_models, push_to_hub
 from .loading import load_model
@@ -21,18 +11,9 @@ from .pretrained import save_pretrained
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "ATSTError",
+    *_errors.__all__,
     "ATSTModel",
-    "AudioDecodeError",
-    "CheckpointError",
-    "ChecksumError",
-    "DownloadError",
-    "EmptyAudioError",
-    "InputError",
-    "ModelNotFoundError",
-    "OutputError",
     "PretrainedModel",
-    "SlowPrecisionWarning",
     "convert_checkpoint",
     "get_clip_embedding",
     "get_frame_embeddings",

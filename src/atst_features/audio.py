@@ -17,11 +17,9 @@ import soxr
 import torch
 from torch import Tensor
 
-from .errors import AudioDecodeError, EmptyAudioError
+from .errors import AudioDecodeError, EmptyAudioError, InputError
 
-__all__ = [
-    "SAMPLE_RATE", "AudioDecodeError", "AudioInfo", "EmptyAudioError", "centre_crop", "load_audio", "resample", "to_waveforms",
-]
+__all__ = ["SAMPLE_RATE", "AudioInfo", "centre_crop", "load_audio", "resample", "to_waveforms"]
 
 SAMPLE_RATE = 16000  # Hz: the rate every ATST model takes (FrontendConfig refuses others)
 BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) decoded at a time: bounds memory on long files
@@ -180,26 +178,26 @@ def _as_float_tensor(item, what: str) -> Tensor:
     if isinstance(item, np.ndarray):
         if not (np.issubdtype(item.dtype, np.floating)):
             kind = "complex" if np.iscomplexobj(item) else f"{item.dtype}"
-            raise ValueError(
+            raise InputError(
                 f"{what} has dtype {kind}; pass real floating-point samples in [-1, 1] "
                 "(for int16 PCM divide by 32768)"
             )
         return torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32))
     if isinstance(item, Tensor):
         if item.is_complex() or not item.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"{what} has dtype {item.dtype}; pass real floating-point samples in [-1, 1] "
                 "(for int16 PCM divide by 32768)"
             )
         return item.detach().to(torch.float32)
-    raise TypeError(f"{what} must be a torch tensor, a numpy array or a file path, got {type(item).__name__}")
+    raise InputError(f"{what} must be a torch tensor, a numpy array or a file path, got {type(item).__name__}")
 
 
 def _check_finite(waveform: Tensor, what: str) -> None:
     if waveform.numel() == 0:
         raise EmptyAudioError(f"{what} is empty (0 samples)")
     if not bool(torch.isfinite(waveform).all()):
-        raise ValueError(f"{what} contains NaN or Inf samples")
+        raise InputError(f"{what} contains NaN or Inf samples")
 
 
 def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE) -> tuple[list[Tensor], bool]:
@@ -211,13 +209,13 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE)
     is float32 ``[N_i]`` at ``target_rate``, on the input's device.
     """
     if sample_rate is not None and (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0):
-        raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+        raise InputError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if sample_rate is not None and not RATE_LIMITS[0] <= sample_rate <= RATE_LIMITS[1]:
-        raise ValueError(f"sample_rate={sample_rate} Hz is outside {RATE_LIMITS[0]}-{RATE_LIMITS[1]} Hz; pass the rate of the samples")
+        raise InputError(f"sample_rate={sample_rate} Hz is outside {RATE_LIMITS[0]}-{RATE_LIMITS[1]} Hz; pass the rate of the samples")
     if isinstance(audio, (str, os.PathLike)):
         waveform, info = load_audio(audio, target_rate=target_rate)
         if sample_rate is not None and sample_rate != info.sample_rate:
-            raise ValueError(
+            raise InputError(
                 f"sample_rate={sample_rate} contradicts the file {str(audio)!r} ({info.sample_rate} Hz); "
                 "leave sample_rate unset for files"
             )
@@ -232,7 +230,7 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE)
             what = f"audio[{index}]"
             waveform = _as_float_tensor(item, what)
             if waveform.ndim != 1:
-                raise ValueError(f"{what} must be 1-D [samples], got shape {tuple(waveform.shape)}")
+                raise InputError(f"{what} must be 1-D [samples], got shape {tuple(waveform.shape)}")
             items.append(waveform)
         is_list = True
     else:
@@ -240,7 +238,7 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE)
         if waveform.ndim == 1:
             waveform = waveform[None]
         elif waveform.ndim != 2:
-            raise ValueError(
+            raise InputError(
                 f"audio must be [samples] or [batch, samples], got {waveform.ndim} dimensions "
                 f"{tuple(waveform.shape)}; downmix channels first (e.g. audio.mean(dim=1))"
             )
@@ -248,7 +246,7 @@ def to_waveforms(audio, sample_rate: int | None, target_rate: int = SAMPLE_RATE)
             raise EmptyAudioError("audio has a batch of 0 items")
         rows, columns = waveform.shape
         if 0 < columns < CHANNELS_LAST_BELOW and rows > columns:
-            raise ValueError(
+            raise InputError(
                 f"audio of shape {(rows, columns)} would be {rows} clips of {columns} samples: is it [samples, "
                 "channels], as soundfile.read returns? Downmix it (audio.mean(axis=1)) or pass audio.T for one "
                 "clip per channel"

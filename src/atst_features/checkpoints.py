@@ -29,7 +29,6 @@ from .heads import EventHead, LinearHead
 from .model import ATSTModel, ModelConfig
 
 __all__ = [
-    "CheckpointError",
     "CheckpointContents",
     "build_model",
     "check_state_dict",

@@ -27,36 +27,11 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .errors import ATSTError, InputError, SlowPrecisionWarning
+from .errors import BUG_REPORT, InputError, SlowPrecisionWarning, expected_failure, one_line_message
 from .hub import DEFAULT_MODEL, list_models, push_to_hub
 from .inputs import AudioInput, find_inputs
 from .model import PRECISIONS
 from .outputs import FORMATS, FrameStream, output_files, temporary_beside, write_outputs
-
-BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your input; please report it "
-              "with the traceback above")
-
-
-def expected_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a failure the user can act on: the library's own errors (:class:`ATSTError`),
-    the operating system's (a full disk, a permission) and running out of memory. Anything else is a
-    bug and keeps its traceback."""
-    if isinstance(error, (ATSTError, OSError)):
-        return True
-    message = str(error).lower()
-    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-    )
-
-
-def one_line_message(error: BaseException) -> str:
-    """The first line of ``error``'s message; for an error a DataLoader worker raised (re-raised as
-    "Caught X in DataLoader worker process N. Original Traceback ..."), the original's message."""
-    text = str(error)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "package.XError: its message"
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 @contextmanager
 def one_line_warnings():

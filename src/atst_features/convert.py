@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
-from .checkpoints import CheckpointError, build_model, read_checkpoint
-from .errors import InputError
+from .checkpoints import build_model, read_checkpoint
+from .errors import CheckpointError, InputError
 from .hub import sha256_of
 from .model import ATSTModel
 from .pretrained import DEFAULT_LICENSE, WEIGHTS_NAME, read_pretrained, save_pretrained

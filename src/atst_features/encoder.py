@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import check_field
+from .errors import InputError, check_fields
 
 __all__ = ["ENCODER_SIZES", "EncoderConfig", "EncoderOutput", "ATSTEncoder", "cpu_multiplies_fast"]
 
-# width, depth, heads of the official factories (head dimension 64, MLP ratio 4).
+# width, depth, heads of the official factories (head dimension 64, MLP ratio 4), and "mini", the size
+# of atst-features' own packaged atst-frame-mini.
 ENCODER_SIZES = {
+    "mini": dict(embed_dim=256, depth=6, num_heads=4),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -50,24 +52,28 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-6
     drop_path_rate: float = 0.1
 
+    # (field, type, lowest, highest): values from untrusted files size memory, so they are bounded.
+    # A LayerNorm epsilon of 0 divides by zero on a constant token: it must be positive.
+    RULES = (
+        ("cls_token", bool, None, None), ("embed_dim", int, 1, 8192), ("depth", int, 1, 64),
+        ("num_heads", int, 1, 256), ("mlp_hidden_dim", int, 1, 65536), ("n_mels", int, 1, 512),
+        ("patch_frames", int, 1, 64), ("max_tokens", int, 1, 10_000), ("n_prompts", int, 0, 64),
+        ("layer_norm_eps", (float, int), 1e-12, 1), ("drop_path_rate", (float, int), 0, 1),
+    )
+
     def __post_init__(self) -> None:
-        for name, kind, low, high in (
-            ("cls_token", bool, None, None), ("embed_dim", int, 1, 8192), ("depth", int, 1, 64),
-            ("num_heads", int, 1, 256), ("mlp_hidden_dim", int, 1, 65536), ("n_mels", int, 1, 512),
-            ("patch_frames", int, 1, 64), ("max_tokens", int, 1, 10_000), ("n_prompts", int, 0, 64),
-            ("layer_norm_eps", (float, int), 0, 1), ("drop_path_rate", (float, int), 0, 1),
-        ):
-            check_field("EncoderConfig", name, getattr(self, name), kind, low, high)
+        check_fields("EncoderConfig", self, self.RULES)
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise InputError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.cls_token and self.n_prompts:
-            raise ValueError("prompt tokens exist only in ATST-Frame encoders (cls_token=False)")
+            raise InputError("prompt tokens exist only in ATST-Frame encoders (cls_token=False)")
 
     @classmethod
     def of_size(cls, size: str, *, cls_token: bool, **overrides) -> "EncoderConfig":
-        """The official ``small`` / ``base`` / ``large`` architecture, e.g. ``of_size("base", cls_token=False)``."""
+        """A named architecture of :data:`ENCODER_SIZES` (the official ``small`` / ``base`` / ``large``, our
+        ``mini``), e.g. ``of_size("base", cls_token=False)``."""
         if size not in ENCODER_SIZES:
-            raise ValueError(f"unknown encoder size {size!r}; expected one of {sorted(ENCODER_SIZES)}")
+            raise InputError(f"unknown encoder size {size!r}; expected one of {sorted(ENCODER_SIZES)}")
         dims = dict(ENCODER_SIZES[size])
         dims["mlp_hidden_dim"] = 4 * dims["embed_dim"]
         dims.update(overrides)
@@ -81,6 +87,16 @@ class EncoderConfig:
     @property
     def patch_dim(self) -> int:
         return self.n_mels * self.patch_frames
+
+    def frame_embedding_size(self, n_blocks: int) -> int:
+        """Size of one frame embedding of the last ``n_blocks`` blocks: ``n_blocks * embed_dim``."""
+        return n_blocks * self.embed_dim
+
+    def clip_embedding_size(self, n_blocks: int) -> int:
+        """Size of the clip embedding of the last ``n_blocks`` blocks: ``2 * n_blocks * embed_dim`` for
+        ATST-Clip (CLS and token mean) and for ATST-Frame with prompt tokens (token mean and prompt
+        mean), else ``n_blocks * embed_dim``."""
+        return (2 if self.cls_token or self.n_prompts else 1) * self.frame_embedding_size(n_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +324,7 @@ class ATSTEncoder(nn.Module):
         """``[B, n_mels, T]`` -> ``[B, T // 4, n_mels * 4]``, element ``4 * mel_bin + frame_offset``."""
         batch, n_mels, frames = mel.shape
         if n_mels != self.config.n_mels:
-            raise ValueError(f"expected {self.config.n_mels} mel bins, got {n_mels}")
+            raise InputError(f"expected {self.config.n_mels} mel bins, got {n_mels}")
         width = self.config.patch_frames
         n_patches = frames // width
         patches = mel[:, :, : n_patches * width].reshape(batch, n_mels, n_patches, width)
@@ -323,11 +339,11 @@ class ATSTEncoder(nn.Module):
     ) -> EncoderOutput:
         cfg = self.config
         if not 1 <= n_blocks <= cfg.depth:
-            raise ValueError(f"n_blocks must be in 1..{cfg.depth}, got {n_blocks}")
+            raise InputError(f"n_blocks must be in 1..{cfg.depth}, got {n_blocks}")
         x = self.patch_embed(self.patchify(mel))
         batch, n_patches, _ = x.shape
         if n_patches > cfg.max_tokens:
-            raise ValueError(
+            raise InputError(
                 f"{n_patches} tokens exceed the positional table ({cfg.max_tokens}); cut the input into windows"
             )
         if token_mask is not None:

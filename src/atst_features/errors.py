@@ -4,13 +4,16 @@ Each class also derives from the built-in error it is about (``ValueError`` for 
 file content, ``OSError`` for an unreachable resource), so ``except ValueError`` keeps working.
 Messages are one line that names the input and says what to do. :class:`SlowPrecisionWarning` is
 the one warning: a request that works but runs far slower than the user can have expected.
+
+Every module of the package takes its errors from here. The commands sort what reaches them with
+:func:`expected_failure`: one ``error:`` line (:func:`one_line_message`) for what the user can act
+on, the traceback and :data:`BUG_REPORT` for anything else.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ATSTError",
-    "check_field",
     "AudioDecodeError",
     "CheckpointError",
     "ChecksumError",
@@ -64,11 +67,44 @@ class SlowPrecisionWarning(UserWarning):
 
 
 def check_field(owner: str, name: str, value, kind: type | tuple, low=None, high=None) -> None:
-    """``ValueError`` unless ``value`` is a ``kind`` (bool is not an int) within ``[low, high]``:
+    """:class:`InputError` unless ``value`` is a ``kind`` (bool is not an int) within ``[low, high]``:
     architecture values come from untrusted files and size memory, so they are checked first."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"{owner}.{name} must be {names}, got {value!r:.60}")
+        raise InputError(f"{owner}.{name} must be {names}, got {value!r:.60}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{owner}.{name} must be in [{low}, {high}], got {value!r:.60}")
+        raise InputError(f"{owner}.{name} must be in [{low}, {high}], got {value!r:.60}")
+
+
+def check_fields(owner: str, instance, rules) -> None:
+    """:func:`check_field` for each ``(name, kind, low, high)`` of ``rules`` on ``instance``'s attributes."""
+    for name, kind, low, high in rules:
+        check_field(owner, name, getattr(instance, name), kind, low, high)
+
+
+BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your input; please report it "
+              "with the traceback above")
+
+
+def expected_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failure the user can act on: the library's own errors (:class:`ATSTError`),
+    the operating system's (a full disk, a permission) and running out of memory. Anything else is a
+    bug and keeps its traceback."""
+    if isinstance(error, (ATSTError, OSError, MemoryError)):
+        return True
+    import torch  # loaded already wherever an error can come from a model
+
+    message = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
+
+
+def one_line_message(error: BaseException) -> str:
+    """The first line of ``error``'s message; for an error a DataLoader worker raised (re-raised as
+    "Caught X in DataLoader worker process N. Original Traceback ..."), the original's message."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "package.XError: its message"
+    return text.splitlines()[0] if text else type(error).__name__

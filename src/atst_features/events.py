@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["Event", "decode_events", "median_filter", "per_class", "read_events", "write_events"]
 
 
@@ -36,10 +38,10 @@ def per_class(value, labels: tuple[str, ...] | list[str], name: str) -> np.ndarr
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(labels) - {"*"})
         if unknown:
-            raise ValueError(f"{name}: unknown labels {unknown}; the model's labels are {list(labels)}")
+            raise InputError(f"{name}: unknown labels {unknown}; the model's labels are {list(labels)}")
         missing = [label for label in labels if label not in value and "*" not in value]
         if missing:
-            raise ValueError(f"{name}: no value for {missing}; give one per label or a default ('*')")
+            raise InputError(f"{name}: no value for {missing}; give one per label or a default ('*')")
         return np.array([float(value.get(label, value.get("*"))) for label in labels])
     return np.full(len(labels), float(value))
 
@@ -79,7 +81,7 @@ def decode_events(
     events shorter than ``min_length`` s dropped. ``score``: the mean filtered probability."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.ndim != 2 or probabilities.shape[1] != len(labels):
-        raise ValueError(f"probabilities must be [T, {len(labels)}], got {list(probabilities.shape)}")
+        raise InputError(f"probabilities must be [T, {len(labels)}], got {list(probabilities.shape)}")
     thresholds = per_class(threshold, labels, "threshold")
     sizes = per_class(median, labels, "median").astype(int)
     filtered = median_filter(probabilities, sizes)
@@ -120,8 +122,6 @@ def write_events(events: list[Event], path_or_stream, *, score: bool = True) -> 
 def read_events(path: str | os.PathLike) -> list[Event]:
     """Read a DESED-style TSV (``filename onset offset event_label`` [``score``], header required);
     rows without an event (empty onset, as DESED writes clips without events) are skipped."""
-    from .inputs import InputError
-
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

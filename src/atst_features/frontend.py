@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .audio import SAMPLE_RATE
-from .errors import check_field
+from .errors import InputError, check_fields
 
 __all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
 
@@ -35,17 +35,18 @@ class FrontendConfig:
     db_min: float = -79.6482
     db_max: float = 50.6842
 
+    # (field, type, lowest, highest), as EncoderConfig.RULES.
+    RULES = (
+        ("sample_rate", int, SAMPLE_RATE, SAMPLE_RATE), ("n_fft", int, 16, 65536), ("win_length", int, 16, 65536),
+        ("hop_length", int, 1, 65536), ("n_mels", int, 1, 512), ("f_min", (float, int), 0, 384_000),
+        ("f_max", (float, int), 0, 384_000), ("top_db", (float, int), 0, 1000), ("db_min", (float, int), -1e4, 1e4),
+        ("db_max", (float, int), -1e4, 1e4),
+    )
+
     def __post_init__(self) -> None:
-        number = (float, int)
-        for name, kind, low, high in (
-            ("sample_rate", int, SAMPLE_RATE, SAMPLE_RATE), ("n_fft", int, 16, 65536), ("win_length", int, 16, 65536),
-            ("hop_length", int, 1, 65536), ("n_mels", int, 1, 512), ("f_min", number, 0, 384_000),
-            ("f_max", number, 0, 384_000), ("top_db", number, 0, 1000), ("db_min", number, -1e4, 1e4),
-            ("db_max", number, -1e4, 1e4),
-        ):
-            check_field("FrontendConfig", name, getattr(self, name), kind, low, high)
+        check_fields("FrontendConfig", self, self.RULES)
         if self.win_length > self.n_fft or self.f_min >= self.f_max or self.db_min >= self.db_max:
-            raise ValueError("FrontendConfig needs win_length <= n_fft, f_min < f_max and db_min < db_max")
+            raise InputError("FrontendConfig needs win_length <= n_fft, f_min < f_max and db_min < db_max")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,8 +94,6 @@ class LogMelFrontend(torch.nn.Module):
     def __init__(self, config: FrontendConfig | None = None) -> None:
         super().__init__()
         self.config = config or FrontendConfig()
-        if self.config.win_length > self.config.n_fft:
-            raise ValueError("win_length must not exceed n_fft")
         # Kept out of the state dict (they follow from the config) and out of .to(dtype):
         # a bfloat16 Hann window would change the spectrogram.
         self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -145,7 +144,7 @@ class LogMelFrontend(torch.nn.Module):
 
     def _log_mel(self, waveforms: Tensor, n_samples: Tensor | None) -> tuple[Tensor, Tensor]:
         if waveforms.ndim != 2:
-            raise ValueError(f"expected waveforms [batch, samples], got shape {tuple(waveforms.shape)}")
+            raise InputError(f"expected waveforms [batch, samples], got shape {tuple(waveforms.shape)}")
         cfg = self.config
         batch, width = waveforms.shape
         device = waveforms.device
@@ -154,7 +153,7 @@ class LogMelFrontend(torch.nn.Module):
         shortest = int(n_samples.min())  # a CPU tensor of lengths costs no device synchronisation here
         n_samples = n_samples.to(device=device, dtype=torch.long)
         if shortest < self.min_samples:
-            raise ValueError(
+            raise InputError(
                 f"every waveform needs at least {self.min_samples} samples for the centred STFT; got {shortest}"
             )
         window, filters = self._window_and_filters(device)

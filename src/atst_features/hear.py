@@ -18,6 +18,7 @@ from torch import Tensor
 from .hub import DEFAULT_MODEL
 from .loading import load_model as _load_atst_model
 from .audio import SAMPLE_RATE
+from .errors import InputError
 from .model import ATSTModel
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
@@ -56,7 +57,7 @@ def load_model(
 def _check_audio(audio: Tensor) -> None:
     if not isinstance(audio, Tensor) or audio.ndim != 2:
         shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
-        raise ValueError(f"HEAR audio must be a torch tensor [n_sounds, n_samples], got {shape}")
+        raise InputError(f"HEAR audio must be a torch tensor [n_sounds, n_samples], got {shape}")
 
 
 def get_scene_embeddings(audio: Tensor, model: HearModel) -> Tensor:

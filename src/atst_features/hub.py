@@ -25,8 +25,6 @@ __all__ = [
     "HUB_ORGANISATION",
     "DEFAULT_MODEL",
     "REGISTRY",
-    "ChecksumError",
-    "DownloadError",
     "PretrainedModel",
     "download",
     "list_models",

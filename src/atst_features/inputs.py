@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import InputError
 
 __all__ = [
-    "AUDIO_SUFFIXES", "AudioInput", "InputError", "find_inputs", "manifest_lines", "path_column", "read_manifest",
+    "AUDIO_SUFFIXES", "AudioInput", "find_inputs", "manifest_lines", "path_column", "read_manifest",
     "scan_folder",
 ]
 

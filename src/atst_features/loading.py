@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointContents, CheckpointError, build_model, read_checkpoint
-from .errors import InputError, ModelNotFoundError, SlowPrecisionWarning
+from .checkpoints import CheckpointContents, build_model, read_checkpoint
+from .errors import CheckpointError, InputError, ModelNotFoundError, SlowPrecisionWarning
 from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
 from .model import ATSTModel, slow_precision_message
 from .official import fetch_official

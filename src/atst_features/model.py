@@ -71,14 +71,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
-            raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+            raise InputError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.encoder.cls_token != (self.kind == "clip"):
-            raise ValueError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
+            raise InputError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
         if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+            raise InputError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.labels and len(self.labels) != self.num_classes:
-            raise ValueError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
+            raise InputError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
 
     def to_dict(self) -> dict:
         return {
@@ -97,11 +97,11 @@ class ModelConfig:
         """The inverse of :meth:`to_dict`; ``ValueError`` for anything but the expected structure."""
         if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict) \
                 or not isinstance(data.get("frontend", {}), dict):
-            raise ValueError("the model description must be an object with an 'encoder' object")
+            raise InputError("the model description must be an object with an 'encoder' object")
         check_field("ModelConfig", "num_classes", data.get("num_classes", 0), int, 0, 100_000)
         labels = data.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise ValueError("ModelConfig.labels must be a list of strings")
+            raise InputError("ModelConfig.labels must be a list of strings")
         return cls(
             kind=data["kind"],
             encoder=EncoderConfig(**data["encoder"]),
@@ -271,7 +271,7 @@ class ATSTModel(nn.Module):
         if n_blocks is None:
             return self.depth
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks <= self.depth:
-            raise ValueError(f"n_blocks must be an integer in 1..{self.depth}, got {n_blocks!r}")
+            raise InputError(f"n_blocks must be an integer in 1..{self.depth}, got {n_blocks!r}")
         return n_blocks
 
     # ---------------------------------------------------------------- public API
@@ -317,7 +317,7 @@ class ATSTModel(nn.Module):
         n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         if is_list or len(waves) != 1:
-            raise ValueError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
+            raise InputError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
         patch = self.config.encoder.patch_frames
         batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size)
         while True:
@@ -357,11 +357,11 @@ class ATSTModel(nn.Module):
         block's clip embedding (so, for long audio, the token-weighted mean of per-window logits for
         ATST-Frame / C2F). Probabilities: :meth:`get_tag_probabilities`."""
         if self.head is None:
-            raise ValueError(
+            raise InputError(
                 f"this {self.kind} model has no tagging head; fine-tune one (atst-train finetune) or load a C2F checkpoint"
             )
         if isinstance(self.head, EventHead):
-            raise ValueError("an event-detection head gives probabilities, not logits: use get_tag_probabilities "
+            raise InputError("an event-detection head gives probabilities, not logits: use get_tag_probabilities "
                              "(clip level) or get_event_probabilities (per 40 ms)")
         embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
         with self._inference():
@@ -387,11 +387,11 @@ class ATSTModel(nn.Module):
         Up to 10 s it is one pass. The weak output pools the whole clip with the head's attention.
         """
         if not isinstance(self.head, EventHead):
-            raise ValueError(f"this {self.kind} model has no event head; train one with atst-train sed")
+            raise InputError(f"this {self.kind} model has no event head; train one with atst-train sed")
         patch = self.config.encoder.patch_frames
         hop = int(round(hop_seconds * 1000 / self.frame_hop_ms)) * patch  # spectrogram frames
         if not 0 < hop <= self.frame_window:
-            raise ValueError(f"hop_seconds must be in (0, {self.frame_window * self._frame_ms / 1000:g}], got {hop_seconds!r}")
+            raise InputError(f"hop_seconds must be in (0, {self.frame_window * self._frame_ms / 1000:g}], got {hop_seconds!r}")
         waves, _ = self._prepare(audio, sample_rate)
         counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
         classes = self.config.num_classes
@@ -478,7 +478,7 @@ class ATSTModel(nn.Module):
         """
         hop = hop or width
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         patch = self.config.encoder.patch_frames
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
         for group in self._groups(order, waves, hop, batch_size):

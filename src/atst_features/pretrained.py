@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import CheckpointContents, CheckpointError, check_state_dict, check_tensors
+from .checkpoints import CheckpointContents, check_state_dict, check_tensors
+from .errors import CheckpointError
 from .model import ATSTModel, ModelConfig
 
 __all__ = [

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 __all__ = ["LabelMixup", "Mixup", "RandomResizeCrop", "span_masks"]
 
 
@@ -36,7 +38,7 @@ class Mixup(nn.Module):
     def __init__(self, ratio: float = 0.4, memory: int = 2000) -> None:
         super().__init__()
         if memory < 1:
-            raise ValueError("the memory bank must hold at least one item")
+            raise InputError("the memory bank must hold at least one item")
         self.ratio = ratio
         self.memory = memory
         self.register_buffer("bank", torch.empty(0), persistent=False)
@@ -54,7 +56,7 @@ class Mixup(nn.Module):
         if self.bank.numel() == 0:
             self.bank = x.new_empty((self.memory, *x.shape[1:]))
         elif self.bank.shape[1:] != x.shape[1:]:
-            raise ValueError(f"Mixup got items of shape {tuple(x.shape[1:])}, its bank holds {tuple(self.bank.shape[1:])}")
+            raise InputError(f"Mixup got items of shape {tuple(x.shape[1:])}, its bank holds {tuple(self.bank.shape[1:])}")
         slots = (self.position + torch.arange(len(x), device=x.device)) % self.memory
         self.bank[slots] = x
         self.position = (self.position + len(x)) % self.memory
@@ -89,7 +91,7 @@ class LabelMixup(nn.Module):
     def __init__(self, alpha: float = 0.5, memory: int = 5000, frames: int = 1201, ratio: float = 1.0) -> None:
         super().__init__()
         if memory < 1 or alpha <= 0 or not 0 <= ratio <= 1:
-            raise ValueError("LabelMixup needs memory >= 1, alpha > 0 and ratio in [0, 1]")
+            raise InputError("LabelMixup needs memory >= 1, alpha > 0 and ratio in [0, 1]")
         self.alpha, self.memory, self.frames, self.ratio = alpha, memory, frames, ratio
         self.register_buffer("inputs", torch.empty(0), persistent=False)
         self.register_buffer("targets", torch.empty(0), persistent=False)

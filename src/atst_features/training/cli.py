@@ -17,7 +17,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ..cli import BUG_REPORT, expected_failure, one_line_message
+from ..errors import BUG_REPORT, expected_failure, one_line_message
 
 __all__ = ["main", "PRESETS", "cpu_precision", "preset_path"]
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError, load_audio
+from ..audio import SAMPLE_RATE, load_audio
+from ..errors import AudioDecodeError, EmptyAudioError, InputError
 from ..inputs import AUDIO_SUFFIXES, read_manifest, scan_folder
 
 __all__ = ["AudioCrops", "ShardCrops", "PretrainingData", "SAMPLE_RATE"]
@@ -49,7 +50,7 @@ class AudioCrops(Dataset):
 
     def __init__(self, files: list[tuple[Path, float | None]], crop_seconds: list[float]) -> None:
         if not files:
-            raise ValueError("no audio files to train on")
+            raise InputError("no audio files to train on")
         self.files = files
         self.crop_seconds = list(crop_seconds)
         self._warned = 0
@@ -77,7 +78,7 @@ class AudioCrops(Dataset):
                 if self._warned < 20:
                     warnings.warn(f"skipping unreadable training file: {error}", stacklevel=2)
                     self._warned += 1
-        raise RuntimeError("no readable audio file in the training set")
+        raise InputError("no readable audio file in the training set (see the warnings above)")
 
 
 class ShardCrops(IterableDataset):
@@ -159,7 +160,7 @@ class PretrainingData(L.LightningDataModule):
         elif path.is_file():
             files = read_manifest(path)
         else:
-            raise FileNotFoundError(f"{self.path!r}: no such folder, manifest or shard pattern")
+            raise InputError(f"{self.path!r}: no such folder, manifest or shard pattern")
         if self.subset is not None and self.subset < len(files):
             files = list(files)
             random.Random(SUBSET_SEED).shuffle(files)

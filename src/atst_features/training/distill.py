@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..heads import LinearHead
 from .finetune import FineTuning, clip_feature
 from .objective import mlp_head
@@ -64,10 +65,10 @@ class Distillation(FineTuning):
 
         self.teacher = load_model(teacher, device="cpu")
         if not isinstance(self.teacher.head, LinearHead) or self.teacher.config.num_classes != len(self.hparams.labels):
-            raise ValueError(f"{teacher!r}: the teacher needs a tagging head of {len(self.hparams.labels)} classes "
+            raise InputError(f"{teacher!r}: the teacher needs a tagging head of {len(self.hparams.labels)} classes "
                              "(fine-tune ATST-Clip on the task first: atst-train finetune)")
         if self.teacher.config.labels and list(self.teacher.config.labels) != list(self.hparams.labels):
-            raise ValueError(f"{teacher!r}: the teacher's labels {list(self.teacher.config.labels)[:5]}... differ from the data's")
+            raise InputError(f"{teacher!r}: the teacher's labels {list(self.teacher.config.labels)[:5]}... differ from the data's")
         self.teacher.requires_grad_(False)
         # Lightning keeps the train/eval mode each submodule has at the start of fit: set it here.
         self.teacher.train(not teacher_eval)

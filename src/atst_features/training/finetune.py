@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import ATSTModel
 from .augment import LabelMixup, RandomResizeCrop
 from .metrics import score
@@ -91,7 +92,7 @@ class FineTuning(SupervisedTraining):
     ) -> None:
         super().__init__()
         if not labels:
-            raise ValueError(f"{type(self).__name__} needs the label names (atst-train takes them from --data.manifest)")
+            raise InputError(f"{type(self).__name__} needs the label names (atst-train takes them from --data.manifest)")
         self.save_hyperparameters()
         self.model = model_from_source(init, labels, multi_label=multi_label, drop_path_rate=drop_path_rate,
                                        kind=self.model_kind)

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
-from ..inputs import InputError
+from ..errors import InputError
 from .manifests import LabelledItem, LabelledSet, read_labelled, split_items
 from .sampling import BalancedSampler, label_balanced_weights
 

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inputs import AUDIO_SUFFIXES, InputError, manifest_lines, path_column, scan_folder
+from ..errors import InputError
+from ..inputs import AUDIO_SUFFIXES, manifest_lines, path_column, scan_folder
 
 __all__ = [
     "SPLITS", "LabelledItem", "LabelledSet", "group_of", "grouped_folds", "grouped_holdout", "read_labelled", "split_items",

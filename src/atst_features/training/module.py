@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..encoder import EncoderConfig
+from ..errors import InputError
 from ..frontend import FrontendConfig, LogMelFrontend
 from .augment import Mixup, RandomResizeCrop, span_masks
 from .objective import (
@@ -42,7 +43,7 @@ WEIGHT_DECAY = (0.04, 0.4)  # cosine from the first to the second value over the
 
 def _check_crops(batch, expected: int):
     if len(batch) != expected:
-        raise ValueError(
+        raise InputError(
             f"this method takes {expected} crop(s) per item, the data gives {len(batch)}: "
             f"set data.crop_seconds to {'[10.0]' if expected == 1 else '[train_len, 6.0]'}"
         )
@@ -120,7 +121,7 @@ class ATSTPretraining(L.LightningModule):
         trainer = self.trainer
         batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if batch is None:
-            raise ValueError("the data module must expose batch_size (per device) to scale the learning rate")
+            raise InputError("the data module must expose batch_size (per device) to scale the learning rate")
         global_batch = batch * trainer.world_size * trainer.accumulate_grad_batches
         return self.hparams.learning_rate * global_batch / 256
 

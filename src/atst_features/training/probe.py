@@ -331,7 +331,7 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
                    f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
         waves = functools.cache(lambda: {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS})
         results = [_probe(source, protocol, data, splits, waves, options) for source in models]
-    except (ATSTError, FileNotFoundError) as error:
+    except ATSTError as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
     width = max(len(r.model) for r in results)
     selection = "valid" if reference else "cross-val"

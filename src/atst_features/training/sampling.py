@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
+from ..errors import InputError
+
 __all__ = ["BalancedSampler", "label_balanced_weights"]
 
 
@@ -40,9 +42,9 @@ class BalancedSampler(DistributedSampler):
     def __init__(self, weights: Tensor, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.ndim != 1 or not len(weights) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("BalancedSampler needs a non-empty 1-D tensor of finite, non-negative weights")
+            raise InputError("BalancedSampler needs a non-empty 1-D tensor of finite, non-negative weights")
         if not float(weights.sum()) > 0:
-            raise ValueError("BalancedSampler: every weight is 0 (no clip has a label)")
+            raise InputError("BalancedSampler: every weight is 0 (no clip has a label)")
         super().__init__(range(len(weights)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.weights = weights
 

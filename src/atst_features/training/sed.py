@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..audio import SAMPLE_RATE, load_audio
-from ..inputs import InputError
+from ..errors import InputError
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
 __all__ = ["EventData", "SoundEventDetection", "frame_targets", "read_strong", "read_weak"]
@@ -230,9 +230,9 @@ class SoundEventDetection(SupervisedTraining):
     ) -> None:
         super().__init__()
         if not labels:
-            raise ValueError("SoundEventDetection needs the label names (atst-train sed takes them from the TSV files)")
+            raise InputError("SoundEventDetection needs the label names (atst-train sed takes them from the TSV files)")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         self.save_hyperparameters()
         self.model = model_from_source(init, labels, multi_label=True, head_type="events", drop_path_rate=drop_path_rate,
                                        head_norm=head_norm)
@@ -248,7 +248,7 @@ class SoundEventDetection(SupervisedTraining):
 
             self.teacher = load_model(teacher, device="cpu")
             if self.teacher.config.head_type != "events" or list(self.teacher.labels) != list(labels):
-                raise ValueError(f"{teacher!r}: the teacher must be an event model with the labels {list(labels)}")
+                raise InputError(f"{teacher!r}: the teacher must be an event model with the labels {list(labels)}")
             self.teacher.requires_grad_(False)
         self._outputs: list = []
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import ATSTModel, ModelConfig
 from .objective import cosine_schedule
 
@@ -35,10 +36,10 @@ def model_from_source(
     contents, _ = read_source(init)
     encoder = dataclasses.replace(contents.config.encoder, drop_path_rate=drop_path_rate)
     if encoder.n_prompts:
-        raise ValueError(f"{init!r}: training encoders with prompt tokens is not supported")
+        raise InputError(f"{init!r}: training encoders with prompt tokens is not supported")
     kind = kind or ("frame" if contents.config.kind == "c2f" else contents.config.kind)
     if kind == "c2f" and encoder.cls_token:
-        raise ValueError(f"{init!r} is an ATST-Clip model; a C2F student starts from ATST-Frame")
+        raise InputError(f"{init!r} is an ATST-Clip model; a C2F student starts from ATST-Frame")
     config = ModelConfig(kind, encoder, contents.config.frontend, len(labels), tuple(labels), multi_label, head_type,
                          head_norm)
     model = ATSTModel(config)
@@ -97,7 +98,7 @@ class SupervisedTraining(L.LightningModule):
         trainer = self.trainer
         batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if batch is None:
-            raise ValueError("the data module must expose batch_size (per device) to scale the learning rate")
+            raise InputError("the data module must expose batch_size (per device) to scale the learning rate")
         self._peak_lr = self.hparams.learning_rate * batch * trainer.world_size * trainer.accumulate_grad_batches / 256
         self._total_steps = max(1, int(trainer.estimated_stepping_batches))
         epochs = max(1, trainer.max_epochs or self.hparams.max_epochs)
