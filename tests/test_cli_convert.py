@@ -13,7 +13,7 @@ from conftest import recipe_checkpoint, waveform
 
 from atst_features import load_model
 from atst_features.cli import convert, models
-from atst_features.hub import sha256_of
+from atst_features.files import sha256_of
 
 AUDIO = waveform(12.0, 41)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from hub_server import FakeHub
 import atst_features
 from atst_features import CheckpointError, ChecksumError, DownloadError, list_models, load_model, save_pretrained
 from atst_features.encoder import EncoderConfig
-from atst_features.hub import DEFAULT_MODEL, REGISTRY, PretrainedModel, sha256_of
+from atst_features.files import sha256_of
 from atst_features.model import ATSTModel, ModelConfig
+from atst_features.registry import DEFAULT_MODEL, REGISTRY, PretrainedModel
 
 AUDIO = waveform(2.5, 31)
 REPO = "atst-features/test-frame"
@@ -182,9 +184,7 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(hub):
 @pytest.fixture
 def registry_entry(monkeypatch):
     def add(**fields) -> PretrainedModel:
-        base = dict(REGISTRY["atst-frame-base"].__dict__, download_url=None)  # Hub only
-        base.update(fields)
-        entry = PretrainedModel(**base)
+        entry = dataclasses.replace(REGISTRY["atst-frame-base"], **{"download_url": None, **fields})  # Hub only
         monkeypatch.setitem(REGISTRY, entry.name, entry)
         return entry
 

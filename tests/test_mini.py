@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from atst_features import ChecksumError, DownloadError, load_model
 from atst_features import hub
 from atst_features.cli import embed
-from atst_features.hub import OFFLINE_MODEL, REGISTRY, sha256_of
+from atst_features.files import sha256_of
+from atst_features.registry import OFFLINE_MODEL, REGISTRY
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "audio" / "speech-demo-nogo.flac"
 FIXTURE = Path(__file__).parent / "data" / "expected_atst_frame_mini.npz"

@@ -16,7 +16,8 @@ from hub_server import FakeHub
 from atst_features import ChecksumError, DownloadError, load_model, save_pretrained
 from atst_features.cli import embed
 from atst_features.encoder import EncoderConfig
-from atst_features.hub import REGISTRY, sha256_of
+from atst_features.files import sha256_of
+from atst_features.registry import REGISTRY
 from atst_features.model import ATSTModel, ModelConfig
 from atst_features.official import fetch_official, official_folder
 

@@ -3,10 +3,11 @@
 from . import errors as _errors
 from .errors import *  # noqa: F403 - the error family, listed in errors.__all__
 from .convert import convert_checkpoint
-from .hub import PretrainedModel, list_models, push_to_hub
+from .hub import push_to_hub
 from .loading import load_model
 from .model import ATSTModel
 from .pretrained import save_pretrained
+from .registry import PretrainedModel, list_models
 
 __version__ = "0.1.0.dev0"
 

@@ -293,8 +293,7 @@ def parse_state_dict(
         if "linear.weight" not in head_state:
             raise CheckpointError(f"{name}: the tagging head under {head_prefix!r} has no 'linear.weight'")
         num_classes = int(head_state["linear.weight"].shape[0])
-        parts = 2 if config.cls_token or config.n_prompts else 1
-        check_state_dict(head_state, _expected_state(LinearHead, parts * config.embed_dim, num_classes), name, "tagging head")
+        check_state_dict(head_state, _expected_state(LinearHead, config.clip_embedding_size(1), num_classes), name, "tagging head")
     if head_state is not None:
         check_tensors(head_state, name)
     check_tensors(encoder_state, name)

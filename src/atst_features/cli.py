@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
 from .errors import BUG_REPORT, InputError, SlowPrecisionWarning, expected_failure, one_line_message
-from .hub import DEFAULT_MODEL, list_models, push_to_hub
+from .hub import push_to_hub
 from .inputs import AudioInput, find_inputs
 from .model import PRECISIONS
 from .outputs import FORMATS, FrameStream, output_files, temporary_beside, write_outputs
+from .registry import DEFAULT_MODEL, list_models
 
 @contextmanager
 def one_line_warnings():
@@ -189,7 +190,7 @@ def models(as_json: bool) -> None:
     """List the named models that load_model() and atst-embed --model accept."""
     entries = list_models()
     if as_json:
-        click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
+        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
         return
     header = f"{'name':<23} {'kind':<6} {'size':<6} {'frame':>6} {'clip':>6}  {'comes from':<32} licence"
     click.echo(header)

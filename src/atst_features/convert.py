@@ -15,9 +15,9 @@ import torch
 from .audio import SAMPLE_RATE
 from .checkpoints import build_model, read_checkpoint
 from .errors import CheckpointError, InputError
-from .hub import sha256_of
+from .files import WEIGHTS_NAME, sha256_of
 from .model import ATSTModel
-from .pretrained import DEFAULT_LICENSE, WEIGHTS_NAME, read_pretrained, save_pretrained
+from .pretrained import DEFAULT_LICENSE, read_pretrained, save_pretrained
 
 __all__ = ["Conversion", "convert_checkpoint", "same_outputs"]
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hub import DEFAULT_MODEL
-from .loading import load_model as _load_atst_model
 from .audio import SAMPLE_RATE
 from .errors import InputError
+from .loading import load_model as _load_atst_model
 from .model import ATSTModel
+from .registry import DEFAULT_MODEL
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
 

@@ -10,10 +10,12 @@ import torch
 
 from .checkpoints import CheckpointContents, build_model, read_checkpoint
 from .errors import CheckpointError, InputError, ModelNotFoundError, SlowPrecisionWarning
-from .hub import DEFAULT_MODEL, REGISTRY, download, looks_like_repo_id
+from .files import is_model_folder
+from .hub import download, looks_like_repo_id
 from .model import ATSTModel, slow_precision_message
 from .official import fetch_official
-from .pretrained import is_pretrained_folder, read_pretrained
+from .pretrained import read_pretrained
+from .registry import DEFAULT_MODEL, REGISTRY
 
 __all__ = ["load_model", "read_source", "resolve_device", "resolve_dtype"]
 
@@ -62,7 +64,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def _read_local(path: Path) -> CheckpointContents:
     if path.is_dir():
-        if not is_pretrained_folder(path):
+        if not is_model_folder(path):
             raise CheckpointError(f"{str(path)!r}: a folder without config.json is not an atst-features model folder")
         return read_pretrained(path)
     return read_checkpoint(path)

@@ -258,13 +258,12 @@ class ATSTModel(nn.Module):
 
     def frame_embedding_size(self, n_blocks: int | None = None) -> int:
         """Size of one frame embedding: ``n_blocks * embed_dim``."""
-        return self._check_n_blocks(n_blocks) * self.embed_dim
+        return self.config.encoder.frame_embedding_size(self._check_n_blocks(n_blocks))
 
     def clip_embedding_size(self, n_blocks: int | None = None) -> int:
         """Size of the clip embedding: ``2 * n_blocks * D`` for ATST-Clip (CLS and token mean) and
         for ATST-Frame with prompt tokens (token mean and prompt mean), else ``n_blocks * D``."""
-        parts = 2 if self.config.encoder.cls_token or self.config.encoder.n_prompts else 1
-        return parts * self._check_n_blocks(n_blocks) * self.embed_dim
+        return self.config.encoder.clip_embedding_size(self._check_n_blocks(n_blocks))
 
     def _check_n_blocks(self, n_blocks: int | None) -> int:
         """``n_blocks`` validated; None means every block of the model (12 for the paper's models)."""

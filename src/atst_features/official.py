@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from .convert import convert_checkpoint
 from .errors import ChecksumError, DownloadError
-from .hub import PACKAGED_HINT, PretrainedModel, cache_dir_of, offline, sha256_of, verify_sha256
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .files import CONFIG_NAME, WEIGHTS_NAME, sha256_of, verify_sha256
+from .hub import cache_dir_of, offline
+from .registry import PACKAGED_HINT, PretrainedModel
 
 __all__ = ["fetch_official", "official_folder"]
 

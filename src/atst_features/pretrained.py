@@ -18,40 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoints import CheckpointContents, check_state_dict, check_tensors
 from .errors import CheckpointError
+from .files import CARD_NAME, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from .model import ATSTModel, ModelConfig
+from .registry import ATST_CITATION
 
-__all__ = [
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "CARD_NAME",
-    "ATST_CITATION",
-    "is_pretrained_folder",
-    "read_pretrained",
-    "save_pretrained",
-]
+__all__ = ["read_pretrained", "save_pretrained"]
 
-FORMAT_NAME = "atst-features"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
 DEFAULT_LICENSE = "cc-by-4.0"  # the licence of the official ATST checkpoints
-
-ATST_CITATION = """@article{li2024atst,
-  title   = {Self-supervised Audio Teacher-Student Transformer for Both Clip-level and Frame-level Tasks},
-  author  = {Li, Xian and Shao, Nian and Li, Xiaofei},
-  journal = {IEEE/ACM Transactions on Audio, Speech, and Language Processing},
-  volume  = {32},
-  year    = {2024},
-  note    = {arXiv:2306.04186}
-}"""
-
 _KIND_NAMES = {"frame": "ATST-Frame", "clip": "ATST-Clip", "c2f": "ATST-C2F"}
-
-
-def is_pretrained_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder in our format (it holds ``config.json``)."""
-    return Path(path, CONFIG_NAME).is_file()
 
 
 def save_pretrained(
