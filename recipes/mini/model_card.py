@@ -26,7 +26,7 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from atst_features import training  # noqa: E402
-from atst_features.pretrained import card_metadata  # noqa: E402
+from atst_features.card import card_metadata  # noqa: E402
 from atst_features.registry import ATST_CITATION  # noqa: E402
 
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
-from .errors import CheckpointError
-from .heads import EventHead, LinearHead
+from .errors import CheckpointError, InputError
+from .heads import HEADS, head_of_weights
 from .model import ATSTModel, ModelConfig
 
 __all__ = [
@@ -223,10 +223,10 @@ def _encoder_config(state: dict[str, Tensor], hyper: dict, name: str) -> Encoder
         raise CheckpointError(f"{name}: {err}") from None
 
 
-def _expected_state(module_class, *args) -> dict[str, Tensor]:
-    """Key names and shapes of a module's state dict, without allocating its weights."""
+def _expected_state(build) -> dict[str, Tensor]:
+    """Key names and shapes of the state dict of the module ``build()`` makes, without allocating its weights."""
     with torch.device("meta"):
-        return module_class(*args).state_dict()
+        return build().state_dict()
 
 
 def check_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor], name: str, where: str) -> None:
@@ -276,7 +276,7 @@ def parse_state_dict(
             raise CheckpointError(f"{name}: tensor {key!r} has shape {tuple(encoder_state[key].shape)}")
     config = _encoder_config(encoder_state, hyper, name)
     where = f"encoder under {prefix!r}" if prefix else "state dict"
-    check_state_dict(encoder_state, _expected_state(ATSTEncoder, config), name, where)
+    check_state_dict(encoder_state, _expected_state(lambda: ATSTEncoder(config)), name, where)
 
     # A C2F student: the official distillation layout, or one distilled by atst-train distill.
     distilled = prefix == "model.student." or (prefix == "model.encoder." and bool(hyper.get("teacher")))
@@ -285,16 +285,13 @@ def parse_state_dict(
     head_prefix = HEAD_PREFIXES.get(prefix)
     if head_prefix is not None:
         head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
-    if head_state is not None and "strong.weight" in head_state:  # atst-train sed
-        head_type, num_classes = "events", int(head_state["strong.weight"].shape[0])
-        head_norm = "norm.running_mean" in head_state
-        check_state_dict(head_state, _expected_state(EventHead, config.embed_dim, num_classes, head_norm), name, "event head")
-    elif head_state is not None:
-        if "linear.weight" not in head_state:
-            raise CheckpointError(f"{name}: the tagging head under {head_prefix!r} has no 'linear.weight'")
-        num_classes = int(head_state["linear.weight"].shape[0])
-        check_state_dict(head_state, _expected_state(LinearHead, config.clip_embedding_size(1), num_classes), name, "tagging head")
     if head_state is not None:
+        spec = head_of_weights(head_state)
+        if spec is None or not isinstance(head_state[spec.marker], Tensor) or head_state[spec.marker].ndim != 2:
+            markers = " or ".join(f"{s.marker!r} [classes, inputs]" for s in HEADS.values())
+            raise CheckpointError(f"{name}: the head under {head_prefix!r} has no {markers}")
+        head_type, num_classes, head_norm = spec.kind, spec.classes_in(head_state), spec.norm_in(head_state)
+        check_state_dict(head_state, _expected_state(lambda: spec.new(config, num_classes, head_norm)), name, spec.title)
         check_tensors(head_state, name)
     check_tensors(encoder_state, name)
     labels = hyper.get("labels") or ()
@@ -302,9 +299,12 @@ def parse_state_dict(
         raise CheckpointError(f"{name}: hyper_parameters['labels'] must be a list of names")
     if labels and len(labels) != num_classes:
         raise CheckpointError(f"{name}: {len(labels)} label names in hyper_parameters for a head of {num_classes} classes")
-    model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes, labels=tuple(labels),
-                               multi_label=bool(hyper.get("multi_label", True)), head_type=head_type,
-                               head_norm=head_norm)
+    try:
+        model_config = ModelConfig(kind=kind, encoder=config, num_classes=num_classes, labels=tuple(labels),
+                                   multi_label=bool(hyper.get("multi_label", True)), head_type=head_type,
+                                   head_norm=head_norm)
+    except InputError as error:
+        raise CheckpointError(f"{name}: {error}") from None
     layout = f"{kind} encoder under {prefix!r}" if prefix else f"bare {kind} encoder"
     return CheckpointContents(model_config, encoder_state, head_state, layout, hyper)
 

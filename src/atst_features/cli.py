@@ -101,13 +101,12 @@ def _result_format(output: Path | None, fmt: str | None, overwrite: bool, suffix
     return suffix
 
 
-def _model_with_head(model_name: str, device: str | None, precision: str, head_type: str, hint: str):
-    """Load a model whose head is of ``head_type``; one ``Error:`` line otherwise."""
+def _model_with_head(model_name: str, device: str | None, precision: str, level: str):
+    """Load a model with a head of ``level`` (``"clip"``: tagging, ``"frame"``: events); one ``Error:`` line otherwise."""
     from .loading import load_model
 
     model = load_model(model_name, device=device, precision=precision)
-    if model.head is None or model.config.head_type != head_type:
-        raise click.ClickException(f"{model_name!r} has no {hint}")
+    model.require_head(level, repr(model_name))
     return model
 
 
@@ -139,8 +138,8 @@ def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, lic
     click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({done.weights_bytes:,} bytes, "
                f"{done.weights_bytes / done.source_bytes:.0%} of the source), README.md")
     click.echo(f"  sha256 {done.weights_sha256} (model.safetensors)")
-    head = "event probabilities" if done.model.config.head_type == "events" else "tag logits"
-    extra = f" and {head} ({len(done.model.labels)} classes)" if done.model.head is not None else ""
+    spec = done.model.head_spec
+    extra = f" and {spec.outputs} ({len(done.model.labels)} classes)" if spec is not None else ""
     click.echo(f"verified: frame and clip embeddings{extra} of the converted model equal the source's")
     if repo_id:
         commit = push_to_hub(out_dir, repo_id, private=private)
@@ -792,8 +791,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     """
     fmt = _result_format(output, fmt, overwrite, ("csv", "json"))
     items, special = _find_items(inputs, manifest)
-    model = _model_with_head(model_name, device, precision, "clip", "tagging head; fine-tune one with atst-train finetune and "
-                             "export it with atst-convert, or use a C2F checkpoint")
+    model = _model_with_head(model_name, device, precision, "clip")
     run = _Run(len(items), quiet or (fmt != "table" and output is None), verb="tagged", special=special)
     rows: list[dict] = []
     batch, windows = [], 0
@@ -913,8 +911,7 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     median = _per_label_option(median, int, "--median")
     fmt = _result_format(output, fmt, overwrite, ("tsv", "json"))
     items, special = _find_items(inputs, manifest)
-    model = _model_with_head(model_name, device, precision, "events", "event head; train one with atst-train sed and export it "
-                             "with atst-convert")
+    model = _model_with_head(model_name, device, precision, "frame")
     decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
                                threshold=threshold, median=median, min_gap=min_gap, min_length=min_length)
     try:

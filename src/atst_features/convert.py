@@ -51,10 +51,8 @@ def same_outputs(a: ATSTModel, b: ATSTModel) -> bool:
         (a.get_frame_embeddings(audio, n_blocks=a.depth)[0], b.get_frame_embeddings(audio, n_blocks=b.depth)[0]),
         (a.get_clip_embedding(audio, n_blocks=a.depth), b.get_clip_embedding(audio, n_blocks=b.depth)),
     ]
-    if a.config.head_type == "events" and a.head is not None:
-        checks.append((a.get_event_probabilities(audio)[0][0], b.get_event_probabilities(audio)[0][0]))
-    elif a.head is not None:
-        checks.append((a.get_tag_logits(audio), b.get_tag_logits(audio)))
+    if a.head_spec is not None:
+        checks.append((a.head_spec.predict(a, audio), a.head_spec.predict(b, audio)))
     return all(torch.equal(x, y) for x, y in checks)
 
 

@@ -1,7 +1,19 @@
-"""Tagging and event heads, and the names of their classes.
+"""The heads on top of an ATST encoder, each described once by a :class:`HeadSpec` in :data:`HEADS`.
 
-:class:`LinearHead` is the reference's head for linear evaluation, fine-tuning and C2F;
-:class:`EventHead` its strong + weak head for sound event detection.
+A spec says what the rest of the package needs to know about one kind of head: the name configs
+use (``head_type``), the module and how it is built from the encoder, what it reads (the last
+block's clip embedding, or its frame tokens), which weight names identify it in a checkpoint, what
+it gives and which command uses it, and its part of the model card. The model, checkpoint reading,
+conversion, the model card, the commands and the training modules all read :data:`HEADS`, so a new
+kind of head is one entry here and its training module.
+
+- ``"clip"``: :class:`LinearHead`, the reference's head for linear evaluation, fine-tuning and C2F
+  (tagging: ``get_tag_logits``, ``get_tag_probabilities``, ``atst-tag``);
+- ``"events"``: :class:`EventHead`, its strong + weak head for sound event detection
+  (``get_event_probabilities``, ``atst-detect``). A frame-level head maps tokens ``[B, T, D]`` to
+  ``frame_outputs(tokens) -> (probabilities [B, T, C], attention [B, T, C])`` and
+  ``forward(tokens, n_tokens) -> (strong [B, T, C], weak [B, C])``.
+
 ``data/audioset_labels.csv`` holds ``index, mid, display_name`` for the 527 AudioSet classes in the
 order of Google's ``class_labels_indices.csv`` (the AudioSet ontology, CC BY 4.0,
 https://research.google.com/audioset/), the order of every AudioSet head's outputs, C2F's included.
@@ -13,16 +25,18 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AUDIOSET_CLASSES", "HEAD_TYPES", "EventHead", "LinearHead", "audioset_labels", "default_labels", "weak_pooling"]
+__all__ = ["AUDIOSET_CLASSES", "HEADS", "EventHead", "HeadSpec", "LinearHead", "audioset_labels", "default_labels",
+           "head_of_weights", "weak_pooling"]
 
 AUDIOSET_CLASSES = 527
-HEAD_TYPES = ("clip", "events")  # LinearHead on the clip embedding; EventHead on the last block's frames
 
 
 @lru_cache(maxsize=1)
@@ -93,3 +107,102 @@ class EventHead(nn.Module):
 def weak_pooling(strong: Tensor, weights: Tensor) -> Tensor:
     """Attention pooling over time: ``sum_t strong * weights / sum_t weights`` (``[..., T, C]`` -> ``[..., C]``)."""
     return (strong * weights).sum(dim=-2) / weights.sum(dim=-2)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One kind of head (see the module docstring).
+
+    ``kind``: its ``head_type`` in configs; ``level``: ``"clip"`` (reads the last block's clip
+    embedding, predicts per clip) or ``"frame"`` (reads the last block's frame tokens, predicts per
+    token); ``build(input_size, num_classes, norm)``: a new head; ``marker``: a weight name only this
+    kind has (its first dimension is the number of classes); ``optional_norm``: ``norm`` (standardise
+    the input) is an option recorded in ``head_norm``, detected from ``norm.running_mean``;
+    ``title``, ``outputs``, ``command`` and ``how_to_get``: words for messages and listings;
+    ``predict(model, audio)``: its output on ``audio``, compared when a conversion is verified;
+    ``card``: its model card section, a template of ``{classes}``, ``{shown}`` (label names) and
+    ``{activation}``.
+    """
+
+    kind: str
+    level: str
+    build: Callable[[int, int, bool], nn.Module]
+    marker: str
+    optional_norm: bool
+    title: str
+    outputs: str
+    command: str
+    how_to_get: str
+    predict: Callable
+    card: str
+
+    def new(self, encoder, num_classes: int, norm: bool = False) -> nn.Module:
+        """A freshly initialised head of this kind on ``encoder`` (an :class:`~atst_features.encoder.EncoderConfig`)."""
+        size = encoder.clip_embedding_size(1) if self.level == "clip" else encoder.embed_dim
+        return self.build(size, num_classes, norm)
+
+    def classes_in(self, weights: dict[str, Tensor]) -> int:
+        return int(weights[self.marker].shape[0])
+
+    def norm_in(self, weights: dict[str, Tensor]) -> bool:
+        """Whether these weights of a head of this kind standardise its input (``head_norm``)."""
+        return self.optional_norm and "norm.running_mean" in weights
+
+
+HEADS: dict[str, HeadSpec] = {
+    spec.kind: spec
+    for spec in (
+        HeadSpec(
+            kind="clip",
+            level="clip",
+            build=lambda size, classes, norm: LinearHead(size, classes),
+            marker="linear.weight",
+            optional_norm=False,
+            title="tagging head",
+            outputs="tag logits",
+            command="atst-tag",
+            how_to_get="fine-tune one with atst-train finetune and export it with atst-convert, or use a C2F checkpoint",
+            predict=lambda model, audio: model.get_tag_logits(audio),
+            card="""
+## Tagging
+
+A linear head of {classes} classes{shown}; probabilities by {activation}:
+
+```python
+probabilities = model.get_tag_probabilities("audio.wav")   # [1, {classes}], in the order of model.labels
+```
+
+From the shell: `atst-tag audio.wav --model path/to/this/folder -k 5`.
+""",
+        ),
+        HeadSpec(
+            kind="events",
+            level="frame",
+            build=lambda size, classes, norm: EventHead(size, classes, norm=norm),
+            marker="strong.weight",
+            optional_norm=True,
+            title="event head",
+            outputs="event probabilities",
+            command="atst-detect",
+            how_to_get="train one with atst-train sed and export it with atst-convert",
+            predict=lambda model, audio: model.get_event_probabilities(audio)[0][0],
+            card="""
+## Sound event detection
+
+An event head of {classes} classes{shown}: per 40 ms token, a sigmoid
+probability per class, and attention-pooled clip-level probabilities:
+
+```python
+strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {classes}], [T] ms, [{classes}] per clip
+```
+
+From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
+""",
+        ),
+    )
+}
+
+
+def head_of_weights(weights: dict[str, Tensor]) -> HeadSpec | None:
+    """The kind of head whose marker weight is among ``weights`` (None if no kind's is)."""
+    return next((spec for spec in HEADS.values() if spec.marker in weights), None)

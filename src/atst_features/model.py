@@ -21,7 +21,7 @@ from .audio import SAMPLE_RATE, to_waveforms
 from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput, cpu_multiplies_fast
 from .errors import InputError, SlowPrecisionWarning, check_field
 from .frontend import FrontendConfig, LogMelFrontend
-from .heads import HEAD_TYPES, EventHead, LinearHead, default_labels, weak_pooling
+from .heads import HEADS, HeadSpec, default_labels, weak_pooling
 
 __all__ = ["MODEL_KINDS", "PRECISIONS", "ModelConfig", "ATSTModel", "slow_precision_message"]
 
@@ -55,9 +55,10 @@ class ModelConfig:
     ``kind``: ``"frame"`` (ATST-Frame), ``"clip"`` (ATST-Clip) or ``"c2f"`` (ATST-Frame distilled
     from ATST-Clip); ``num_classes``: outputs of the tagging head (0: no head), a fine-tuned one or
     C2F's; ``labels``: their names (empty: unnamed); ``multi_label``: whether the head was trained
-    with one sigmoid per class (probabilities by sigmoid) rather than a softmax; ``head_type``:
-    ``"clip"`` (a LinearHead on the clip embedding: tagging) or ``"events"`` (an EventHead on the
-    last block's frames: sound event detection); ``head_norm``: the EventHead standardises its input.
+    with one sigmoid per class (probabilities by sigmoid) rather than a softmax; ``head_type``: a
+    kind of :data:`~atst_features.heads.HEADS`, ``"clip"`` (a LinearHead on the clip embedding:
+    tagging) or ``"events"`` (an EventHead on the last block's frames: sound event detection);
+    ``head_norm``: the head standardises its input (an option of the event head).
     """
 
     kind: str
@@ -74,8 +75,8 @@ class ModelConfig:
             raise InputError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.encoder.cls_token != (self.kind == "clip"):
             raise InputError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
-        if self.head_type not in HEAD_TYPES:
-            raise InputError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+        if self.head_type not in HEADS:
+            raise InputError(f"head_type must be one of {tuple(HEADS)}, got {self.head_type!r}")
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.labels and len(self.labels) != self.num_classes:
             raise InputError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
@@ -157,11 +158,9 @@ class ATSTModel(nn.Module):
         self.config = config
         self.frontend = LogMelFrontend(config.frontend)
         self.encoder = ATSTEncoder(config.encoder)
-        self.head: LinearHead | EventHead | None = None
-        if config.num_classes and config.head_type == "events":
-            self.head = EventHead(self.embed_dim, config.num_classes, norm=config.head_norm)
-        elif config.num_classes:
-            self.head = LinearHead(self.clip_embedding_size(1), config.num_classes)
+        self.head: nn.Module | None = None  # a head of the kind config.head_type names (heads.HEADS)
+        if config.num_classes:
+            self.head = HEADS[config.head_type].new(config.encoder, config.num_classes, config.head_norm)
         self.provenance: dict = {}  # where the weights came from; pretrained.save_pretrained writes it
         self.precision: str | None = None  # None: compute and output in the weights' dtype
 
@@ -222,6 +221,20 @@ class ATSTModel(nn.Module):
     def clip_chunk(self) -> int:
         """ATST-Clip clip-embedding chunk: 601 frames (6 s) as the reference, or the window if shorter."""
         return min(self.reference_clip_chunk, self.frame_window)
+
+    @property
+    def head_spec(self) -> HeadSpec | None:
+        """What kind of head the model has (None: none); see :data:`~atst_features.heads.HEADS`."""
+        return HEADS[self.config.head_type] if self.head is not None else None
+
+    def require_head(self, level: str, name: str | None = None) -> HeadSpec:
+        """The model's head spec if it has a head of ``level`` (``"clip"``: tagging, ``"frame"``: event
+        detection), else :class:`InputError` naming the model (``name``) and how to get such a head."""
+        spec = self.head_spec
+        if spec is None or spec.level != level:
+            wanted = next(s for s in HEADS.values() if s.level == level)
+            raise InputError(f"{name or f'this {self.kind} model'} has no {wanted.title}; {wanted.how_to_get}")
+        return spec
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -355,13 +368,10 @@ class ATSTModel(nn.Module):
         """Tagging logits ``[B, num_classes]``, in the order of :attr:`labels`: the head on the last
         block's clip embedding (so, for long audio, the token-weighted mean of per-window logits for
         ATST-Frame / C2F). Probabilities: :meth:`get_tag_probabilities`."""
-        if self.head is None:
-            raise InputError(
-                f"this {self.kind} model has no tagging head; fine-tune one (atst-train finetune) or load a C2F checkpoint"
-            )
-        if isinstance(self.head, EventHead):
+        if self.head_spec is not None and self.head_spec.level == "frame":
             raise InputError("an event-detection head gives probabilities, not logits: use get_tag_probabilities "
                              "(clip level) or get_event_probabilities (per 40 ms)")
+        self.require_head("clip")
         embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
         with self._inference():
             return self.head(embedding)
@@ -370,7 +380,7 @@ class ATSTModel(nn.Module):
         """Clip-level class probabilities ``[B, num_classes]``: :meth:`get_tag_logits` through a
         sigmoid (multi-label heads, C2F's) or a softmax (single-label); for an event head, its weak
         (attention-pooled) output over the whole clip."""
-        if isinstance(self.head, EventHead):
+        if self.head_spec is not None and self.head_spec.level == "frame":
             return torch.stack(self.get_event_probabilities(audio, sample_rate=sample_rate, batch_size=batch_size)[2])
         logits = self.get_tag_logits(audio, sample_rate=sample_rate, batch_size=batch_size).float()
         return logits.sigmoid() if self.config.multi_label else logits.softmax(dim=-1)
@@ -385,8 +395,7 @@ class ATSTModel(nn.Module):
         most 10 s); where windows overlap, token probabilities (and attention weights) are averaged.
         Up to 10 s it is one pass. The weak output pools the whole clip with the head's attention.
         """
-        if not isinstance(self.head, EventHead):
-            raise InputError(f"this {self.kind} model has no event head; train one with atst-train sed")
+        self.require_head("frame")
         patch = self.config.encoder.patch_frames
         hop = int(round(hop_seconds * 1000 / self.frame_hop_ms)) * patch  # spectrogram frames
         if not 0 < hop <= self.frame_window:

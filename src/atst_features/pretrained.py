@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 from .checkpoints import CheckpointContents, check_state_dict, check_tensors
 from .errors import CheckpointError
 from .files import CARD_NAME, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from .card import model_card
 from .model import ATSTModel, ModelConfig
 from .registry import ATST_CITATION
 
 __all__ = ["read_pretrained", "save_pretrained"]
 
 DEFAULT_LICENSE = "cc-by-4.0"  # the licence of the official ATST checkpoints
-_KIND_NAMES = {"frame": "ATST-Frame", "clip": "ATST-Clip", "c2f": "ATST-C2F"}
 
 
 def save_pretrained(
@@ -61,104 +61,6 @@ def save_pretrained(
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     (directory / CARD_NAME).write_text(model_card(config, directory.name), encoding="utf-8")
     return directory
-
-
-def card_metadata(license: str) -> str:
-    """The Hub's YAML front matter of a model card in our format."""
-    return f"""---
-library_name: atst-features
-license: {license}
-tags:
-- audio
-- audio-embeddings
-- self-supervised-learning
-- atst
-- hear
-pipeline_tag: feature-extraction
----
-"""
-
-
-def model_card(config: dict, name: str) -> str:
-    """The Hugging Face model card: Hub metadata, usage, sizes, provenance, citation."""
-    model = config["model"]
-    kind = _KIND_NAMES[model["kind"]]
-    width = model["encoder"]["embed_dim"]
-    sizes = config["embedding_sizes"]
-    provenance = config["provenance"]
-    source = provenance.get("source_file", "unknown")
-    digest = provenance.get("source_sha256")
-    return f"""{card_metadata(config["license"])}
-# {name}: {kind} (width {width})
-
-{kind} encoder of the Audio Teacher-Student Transformer (Li, Shao, Li, TASLP 2024,
-[arXiv 2306.04186](https://arxiv.org/abs/2306.04186)), in the
-[atst-features](https://pypi.org/project/atst-features/) format: `config.json` and
-`model.safetensors` (inference weights only).
-
-## Usage
-
-```python
-from atst_features import load_model
-
-model = load_model("path/or/hub-id/of/this/repo")
-clip = model.get_clip_embedding("audio.wav")                       # [1, {sizes["clip_n_blocks_12"]}]
-frames, timestamps = model.get_frame_embeddings("audio.wav", n_blocks=1)  # [1, T, {sizes["frame_n_blocks_1"]}], ms
-```
-
-| output | n_blocks=1 | n_blocks=12 |
-|---|---|---|
-| frame embedding (one per 40 ms) | {sizes["frame_n_blocks_1"]} | {sizes["frame_n_blocks_12"]} |
-| clip embedding | {sizes["clip_n_blocks_1"]} | {sizes["clip_n_blocks_12"]} |
-
-Input: audio at any sample rate (resampled to 16 kHz), mono (channels are averaged).
-{_tagging_section(model)}
-## Provenance
-
-Converted from `{source}`{f" (sha256 `{digest}`)" if digest else ""} with atst-features
-{provenance["atst_features_version"]}; the embeddings of the converted model were checked to equal
-those of the source checkpoint.
-
-## Citation
-
-```bibtex
-{config["citation"]}
-```
-"""
-
-
-def _tagging_section(model: dict) -> str:
-    """The model card's part on the tagging head, if the model has one."""
-    classes = model.get("num_classes", 0)
-    if not classes:
-        return ""
-    labels = model.get("labels") or []
-    shown = ", ".join(f"`{label}`" for label in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
-    if model.get("head_type") == "events":
-        return f"""
-## Sound event detection
-
-An event head of {classes} classes{f" ({shown})" if labels else ""}: per 40 ms token, a sigmoid
-probability per class, and attention-pooled clip-level probabilities:
-
-```python
-strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {classes}], [T] ms, [{classes}] per clip
-```
-
-From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
-"""
-    output = "a sigmoid per class (multi-label)" if model.get("multi_label", True) else "a softmax over the classes"
-    return f"""
-## Tagging
-
-A linear head of {classes} classes{f" ({shown})" if labels else ""}; probabilities by {output}:
-
-```python
-probabilities = model.get_tag_probabilities("audio.wav")   # [1, {classes}], in the order of model.labels
-```
-
-From the shell: `atst-tag audio.wav --model path/to/this/folder -k 5`.
-"""
 
 
 def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:

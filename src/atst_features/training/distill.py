@@ -64,7 +64,8 @@ class Distillation(FineTuning):
         from ..loading import load_model
 
         self.teacher = load_model(teacher, device="cpu")
-        if not isinstance(self.teacher.head, LinearHead) or self.teacher.config.num_classes != len(self.hparams.labels):
+        self.teacher.require_head("clip", f"the teacher {teacher!r}")
+        if self.teacher.config.num_classes != len(self.hparams.labels):
             raise InputError(f"{teacher!r}: the teacher needs a tagging head of {len(self.hparams.labels)} classes "
                              "(fine-tune ATST-Clip on the task first: atst-train finetune)")
         if self.teacher.config.labels and list(self.teacher.config.labels) != list(self.hparams.labels):

@@ -247,7 +247,8 @@ class SoundEventDetection(SupervisedTraining):
             from ..loading import load_model
 
             self.teacher = load_model(teacher, device="cpu")
-            if self.teacher.config.head_type != "events" or list(self.teacher.labels) != list(labels):
+            self.teacher.require_head("frame", f"the teacher {teacher!r}")
+            if list(self.teacher.labels) != list(labels):
                 raise InputError(f"{teacher!r}: the teacher must be an event model with the labels {list(labels)}")
             self.teacher.requires_grad_(False)
         self._outputs: list = []
