@@ -30,7 +30,8 @@ from atst_features import load_model, save_pretrained
 from atst_features.audio import SAMPLE_RATE, load_audio
 from atst_features.cli import POOL_BATCHES
 from atst_features.encoder import EncoderConfig
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from embed_speed import describe_peaks, machine, matmul_peaks  # noqa: E402

@@ -33,8 +33,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from atst_features.encoder import EncoderConfig, cpu_multiplies_fast
-from atst_features.model import PRECISIONS, ATSTModel, ModelConfig
+from atst_features.encoder import EncoderConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
+from atst_features.precision import PRECISIONS, cpu_multiplies_fast
 
 
 def machine() -> str:

@@ -17,7 +17,8 @@ import torch
 
 from atst_features import hear
 from atst_features.encoder import EncoderConfig
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 
 from embed_speed import machine
 

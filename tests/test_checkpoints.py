@@ -226,7 +226,8 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
     from atst_features.checkpoints import build_model
     from atst_features.convert import same_outputs
     from atst_features.encoder import EncoderConfig
-    from atst_features.model import ATSTModel, ModelConfig
+    from atst_features.config import ModelConfig
+    from atst_features.model import ATSTModel
     from atst_features.pretrained import read_pretrained
 
     encoder = EncoderConfig(cls_token=False, embed_dim=64, depth=2, num_heads=2, mlp_hidden_dim=256)

@@ -18,7 +18,8 @@ from atst_features.cli import convert, tag
 from atst_features.encoder import EncoderConfig
 from atst_features.errors import InputError
 from atst_features.heads import LinearHead, audioset_labels
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 from atst_features.training.augment import LabelMixup
 from atst_features.training.cli import main as train_main
 from atst_features.training.finetune import FineTuning

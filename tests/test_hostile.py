@@ -15,7 +15,8 @@ import atst_features
 from atst_features import ATSTError, CheckpointError, load_model, save_pretrained
 from atst_features.cli import convert, embed
 from atst_features.encoder import EncoderConfig
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,20 @@ def encoder_value(key, value):
     return change
 
 
+def model_value(key, value):
+    def change(config):
+        config["model"][key] = value
+        return config
+    return change
+
+
+def frontend_value(key, value):
+    def change(config):
+        config["model"]["frontend"][key] = value
+        return config
+    return change
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: "[1, 2, 3]", "not an atst-features model config"),
     (lambda c: '"just a string"', "not an atst-features model config"),
@@ -58,6 +73,20 @@ def encoder_value(key, value):
      r"FrontendConfig.sample_rate must be in \[16000, 16000\], got 22050"),  # every ATST model takes 16 kHz
     (lambda c: {**c, "format_version": "1"}, "format_version must be an integer"),
     (lambda c: {**c, "model": {**c["model"], "labels": "abc"}}, "labels must be a list of strings"),
+    # every field's type, not only the encoder's: a folder that loads must embed
+    (model_value("multi_label", "false"), "ModelConfig.multi_label must be bool, got 'false'"),
+    (model_value("head_norm", 1), "ModelConfig.head_norm must be bool, got 1"),
+    (model_value("head_type", ["clip"]), "ModelConfig.head_type must be str"),
+    (model_value("kind", None), "ModelConfig.kind must be str, got None"),
+    (model_value("num_classes", 2.0), "ModelConfig.num_classes must be int, got 2.0"),
+    (model_value("frontend", "default"), "ModelConfig.frontend must be dict"),
+    (model_value("tokenizer", {}), r"unknown model fields \['tokenizer'\]"),
+    (encoder_value("window", 4), "EncoderConfig got an unexpected keyword argument 'window'"),
+    (encoder_value("layer_norm_eps", 0.0), r"EncoderConfig.layer_norm_eps must be in \[1e-12, 1\], got 0.0"),
+    (frontend_value("n_mels", 32), "the front end makes 32 mel bins, the encoder takes 64"),
+    (frontend_value("hop_length", 100), "hop_length must be a whole number of milliseconds"),
+    (lambda c: {**c, "provenance": "converted"}, "'provenance' and its 'hyper_parameters' must be objects"),
+    (lambda c: {**c, "provenance": {"hyper_parameters": [1]}}, "'provenance' and its 'hyper_parameters' must be objects"),
 ])
 def test_malformed_configs_fail_in_one_line_before_allocating(folder, tmp_path, change, message):
     source = altered(folder, tmp_path, change)
@@ -246,3 +275,45 @@ def test_user_mistakes_raise_members_of_the_family():
         with pytest.raises(ATSTError) as caught:
             call()
         assert "\n" not in str(caught.value), name
+
+
+def test_a_model_that_loads_embeds_even_its_shortest_input(tmp_path):
+    """A front end whose hop is long next to its FFT: 100 samples still make one token, not an empty
+    (NaN) clip embedding."""
+    from atst_features.frontend import FrontendConfig
+
+    encoder = EncoderConfig(cls_token=False, embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64, max_tokens=50)
+    config = ModelConfig("frame", encoder, FrontendConfig(n_fft=256, win_length=256, hop_length=320))
+    model = load_model(save_pretrained(ATSTModel(config), tmp_path / "model"), device="cpu")
+    assert model.min_samples == 960  # 3 hops: 4 frames, one token
+    frames, timestamps = model.get_frame_embeddings(np.full(100, 0.1, np.float32))
+    assert frames.shape == (1, 1, 64) and timestamps.tolist() == [[30.0]] and torch.isfinite(frames).all()
+    assert torch.isfinite(model.get_clip_embedding(np.full(100, 0.1, np.float32))).all()
+
+
+def test_a_large_tensor_the_model_does_not_have_is_never_read(tmp_path, folder):
+    """The weights file's header is checked before any tensor is read: 256 MB more in the file cost no memory."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text((folder / "config.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({**state, "encoder.unused": torch.ones(64, 2**20)}, str(copy / "model.safetensors"))
+    script = (
+        "import resource, sys\n"
+        "from atst_features import CheckpointError, load_model\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    load_model(sys.argv[1], device='cpu')\n"
+        "except CheckpointError as error:\n"
+        "    print(error)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, check=True)
+    message, grown_kib = result.stdout.splitlines()
+    assert "unexpected ['encoder.unused']" in message
+    assert int(grown_kib) < 32 * 1024  # KiB: far below the 256 MB tensor

@@ -15,7 +15,8 @@ import atst_features
 from atst_features import CheckpointError, ChecksumError, DownloadError, list_models, load_model, save_pretrained
 from atst_features.encoder import EncoderConfig
 from atst_features.files import sha256_of
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 from atst_features.registry import DEFAULT_MODEL, REGISTRY, PretrainedModel
 
 AUDIO = waveform(2.5, 31)

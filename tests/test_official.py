@@ -18,7 +18,8 @@ from atst_features.cli import embed
 from atst_features.encoder import EncoderConfig
 from atst_features.files import sha256_of
 from atst_features.registry import REGISTRY
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 from atst_features.official import fetch_official, official_folder
 
 AUDIO = waveform(1.0)

@@ -13,8 +13,9 @@ from conftest import waveform, write_audio
 import atst_features
 from atst_features import InputError, SlowPrecisionWarning
 from atst_features import encoder as encoder_module
+from atst_features import precision as precision_module
 from atst_features.cli import embed
-from atst_features.model import PRECISIONS
+from atst_features.precision import PRECISIONS
 
 AUDIO = [waveform(12.3, 1), waveform(3.7, 2)]  # two windows and a padded batch
 
@@ -161,13 +162,7 @@ def test_matmul_attention_matches_the_attention_kernel_and_ignores_masked_keys(m
 @pytest.fixture
 def slow_16_bit_cpu(monkeypatch):
     """This CPU seen as one without oneDNN's 16-bit kernels (AVX2 only), whatever it really has."""
-    import atst_features.model as model_module
-
-    def float32_only(dtype):
-        return dtype not in (torch.bfloat16, torch.float16)
-
-    for module in (encoder_module, model_module):
-        monkeypatch.setattr(module, "cpu_multiplies_fast", float32_only)
+    monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: dtype not in (torch.bfloat16, torch.float16))
 
 
 def test_16_bit_on_a_cpu_without_fast_kernels_warns_and_still_runs(frame_small_ckpt, slow_16_bit_cpu):
@@ -183,18 +178,16 @@ def test_16_bit_on_a_cpu_without_fast_kernels_warns_and_still_runs(frame_small_c
 
 
 def test_16_bit_on_a_cpu_with_fast_kernels_is_silent(frame_small_ckpt, monkeypatch):
-    import atst_features.model as model_module
-
-    monkeypatch.setattr(model_module, "cpu_multiplies_fast", lambda dtype: True)
+    monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert atst_features.load_model(frame_small_ckpt, device="cpu", precision="bf16").precision == "bf16"
 
 
 def test_cpu_detection_follows_pytorch():
-    assert encoder_module.cpu_multiplies_fast(torch.float32)
-    assert encoder_module.cpu_multiplies_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert encoder_module.cpu_multiplies_fast(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    assert precision_module.cpu_multiplies_fast(torch.float32)
+    assert precision_module.cpu_multiplies_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert precision_module.cpu_multiplies_fast(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def test_cli_shows_the_slow_precision_warning_as_one_line(tmp_path, frame_small_ckpt, slow_16_bit_cpu):

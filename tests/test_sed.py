@@ -20,7 +20,8 @@ from atst_features.encoder import EncoderConfig
 from atst_features.events import Event, decode_events, median_filter, read_events, write_events
 from atst_features.heads import EventHead, weak_pooling
 from atst_features.errors import InputError
-from atst_features.model import ATSTModel, ModelConfig
+from atst_features.config import ModelConfig
+from atst_features.model import ATSTModel
 from atst_features.scoring import event_based, segment_based
 from atst_features.training.cli import main as train_main
 from atst_features.training.distill import Distillation, distillation_loss

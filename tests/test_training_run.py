@@ -20,7 +20,8 @@ L = pytest.importorskip("lightning")
 
 from atst_features import load_model  # noqa: E402
 from atst_features.cli import convert  # noqa: E402
-from atst_features.model import ATSTModel, ModelConfig  # noqa: E402
+from atst_features.config import ModelConfig  # noqa: E402
+from atst_features.model import ATSTModel  # noqa: E402
 from atst_features.training import FramePretraining, PretrainingData  # noqa: E402
 from atst_features.training.data import AudioCrops, ShardCrops  # noqa: E402
 
@@ -176,10 +177,10 @@ def test_clip_preset_from_the_command_line(tmp_path, audio_folder):
 
 def test_a_presets_16_bit_precision_becomes_32_true_on_a_cpu_without_fast_kernels(tmp_path, audio_folder, monkeypatch,
                                                                                     capsys):
-    import atst_features.model as encoder_module  # where the check is called
+    import atst_features.precision as precision_module
     from atst_features.training.cli import main as train_main
 
-    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bf16.yaml").write_text("trainer:\n  precision: bf16-mixed\n", encoding="utf-8")  # as frame-mini
     train_main(["frame", "--config", "frame-tiny", "--config", "bf16.yaml", "--data.path", str(audio_folder),
@@ -192,17 +193,17 @@ def test_a_presets_16_bit_precision_becomes_32_true_on_a_cpu_without_fast_kernel
 
 
 def test_cpu_precision_rule(monkeypatch, capsys):
-    import atst_features.model as encoder_module  # where the check is called
+    import atst_features.precision as precision_module
     from atst_features.training.cli import cpu_precision
 
-    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: dtype == torch.float32)
     assert cpu_precision("16-mixed", "cpu", explicit=False) == "32-true"
     assert "no fast float16 matrix kernels" in capsys.readouterr().err
     assert cpu_precision("bf16-mixed", "cpu", explicit=True) == "bf16-mixed"  # asked for: kept, with a warning
     assert capsys.readouterr().err.startswith("warning: --trainer.precision bf16-mixed: this CPU has no fast bfloat16")
     assert cpu_precision("bf16-mixed", "gpu", explicit=False) == "bf16-mixed"
     assert cpu_precision("32-true", "cpu", explicit=False) == "32-true"
-    monkeypatch.setattr(encoder_module, "cpu_multiplies_fast", lambda dtype: True)
+    monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: True)
     assert cpu_precision("bf16-mixed", "cpu", explicit=False) == "bf16-mixed"
     assert capsys.readouterr().err == ""
 

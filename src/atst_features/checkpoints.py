@@ -26,7 +26,8 @@ from torch import Tensor
 from .encoder import ENCODER_SIZES, ATSTEncoder, EncoderConfig
 from .errors import CheckpointError, InputError
 from .heads import HEADS, head_of_weights
-from .model import ATSTModel, ModelConfig
+from .config import ModelConfig
+from .model import ATSTModel
 
 __all__ = [
     "CheckpointContents",
@@ -229,8 +230,13 @@ def _expected_state(build) -> dict[str, Tensor]:
         return build().state_dict()
 
 
-def check_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor], name: str, where: str) -> None:
-    """:class:`CheckpointError` naming ``name`` unless ``state`` has exactly the keys and shapes of ``expected``."""
+def check_state_dict(state: dict[str, Tensor | tuple], expected: dict[str, Tensor], name: str, where: str) -> None:
+    """:class:`CheckpointError` naming ``name`` unless ``state`` (tensors, or only their shapes) has
+    exactly the keys and shapes of ``expected``."""
+
+    def shape(value) -> tuple:
+        return tuple(value.shape) if isinstance(value, Tensor) else tuple(value)
+
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     problems = []
@@ -240,11 +246,7 @@ def check_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor], name
         problems.append(
             f"unexpected {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         )
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
+    wrong = [f"{k} {shape(state[k])} != {shape(v)}" for k, v in expected.items() if k in state and shape(state[k]) != shape(v)]
     if wrong:
         problems.append(f"wrong shapes {wrong[:3]}")
     if problems:

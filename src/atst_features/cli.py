@@ -30,7 +30,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .errors import BUG_REPORT, InputError, SlowPrecisionWarning, expected_failure, one_line_message
 from .hub import push_to_hub
 from .inputs import AudioInput, find_inputs
-from .model import PRECISIONS
+from .precision import PRECISIONS
 from .outputs import FORMATS, FrameStream, output_files, temporary_beside, write_outputs
 from .registry import DEFAULT_MODEL, list_models
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .errors import InputError, check_fields
 
-__all__ = ["ENCODER_SIZES", "EncoderConfig", "EncoderOutput", "ATSTEncoder", "cpu_multiplies_fast"]
+__all__ = ["ENCODER_SIZES", "EncoderConfig", "EncoderOutput", "ATSTEncoder"]
 
 # width, depth, heads of the official factories (head dimension 64, MLP ratio 4), and "mini", the size
 # of atst-features' own packaged atst-frame-mini.
@@ -155,22 +155,6 @@ def _cpu_has_amx() -> bool:
     """Whether this CPU multiplies bfloat16 on AMX tiles (PyTorch's own detection; False if unknown)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe()) if probe is not None else False
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_multiplies_fast(dtype: torch.dtype) -> bool:
-    """Whether this CPU has oneDNN's kernels for matrix products in ``dtype`` (PyTorch's own
-    detection): always for float32; bfloat16 needs AVX512 (fast with AVX512-BF16 or AMX), float16
-    AVX512-FP16 or AMX-FP16. Without them PyTorch multiplies in plain loops: on a 2-core AVX2-only
-    AMD EPYC a bf16 linear layer ran at 20 GFLOP/s against 161 in float32, a bf16-mixed pretraining
-    step 38x slower than float32."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return True
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else True
-    except RuntimeError:
-        return True
 
 
 def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:

@@ -47,6 +47,9 @@ class FrontendConfig:
         check_fields("FrontendConfig", self, self.RULES)
         if self.win_length > self.n_fft or self.f_min >= self.f_max or self.db_min >= self.db_max:
             raise InputError("FrontendConfig needs win_length <= n_fft, f_min < f_max and db_min < db_max")
+        if self.hop_length * 1000 % self.sample_rate:  # frames and tokens are timed in whole milliseconds
+            raise InputError(f"FrontendConfig.hop_length must be a whole number of milliseconds (a multiple of "
+                             f"{self.sample_rate // 1000} samples), got {self.hop_length}")
 
     def to_dict(self) -> dict:
         return asdict(self)

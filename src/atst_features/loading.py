@@ -12,7 +12,8 @@ from .checkpoints import CheckpointContents, build_model, read_checkpoint
 from .errors import CheckpointError, InputError, ModelNotFoundError, SlowPrecisionWarning
 from .files import is_model_folder
 from .hub import download, looks_like_repo_id
-from .model import ATSTModel, slow_precision_message
+from .model import ATSTModel
+from .precision import slow_precision_message
 from .official import fetch_official
 from .pretrained import read_pretrained
 from .registry import DEFAULT_MODEL, REGISTRY

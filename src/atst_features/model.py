@@ -10,135 +10,28 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .audio import SAMPLE_RATE, to_waveforms
-from .encoder import ATSTEncoder, EncoderConfig, EncoderOutput, cpu_multiplies_fast
-from .errors import InputError, SlowPrecisionWarning, check_field
-from .frontend import FrontendConfig, LogMelFrontend
+from .config import ModelConfig
+from .encoder import ATSTEncoder, EncoderOutput
+from .errors import InputError, SlowPrecisionWarning
+from .frontend import LogMelFrontend
 from .heads import HEADS, HeadSpec, default_labels, weak_pooling
+from .precision import PRECISIONS, slow_precision_message
+from .windows import ChunkPooling, FramePooling, Window, plan_windows, stack_windows
 
-__all__ = ["MODEL_KINDS", "PRECISIONS", "ModelConfig", "ATSTModel", "slow_precision_message"]
-
-MODEL_KINDS = ("frame", "clip", "c2f")
-# Encoder compute precisions (ATSTModel.set_precision): name -> (16-bit dtype or None, autocast).
-PRECISIONS = {
-    "fp32": (None, False),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
-    "bf16-mixed": (torch.bfloat16, True),
-    "fp16-mixed": (torch.float16, True),
-}
-
-
-def slow_precision_message(what: str, dtype: torch.dtype | None, device_type: str = "cpu") -> str | None:
-    """One line (without advice) when computing in ``dtype`` on ``device_type`` is slow: a 16-bit type
-    on a CPU without fast kernels for it (:func:`~atst_features.encoder.cpu_multiplies_fast`); else
-    None. ``what`` names the setting."""
-    if dtype is None or device_type != "cpu" or cpu_multiplies_fast(dtype):
-        return None
-    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    return (f"{what}: this CPU has no fast {name} matrix kernels (they need AVX512, fast with "
-            f"{'AVX512-BF16 or AMX' if dtype == torch.bfloat16 else 'AVX512-FP16 or AMX-FP16'}), so it runs several "
-            f"times slower than fp32 here")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What an :class:`ATSTModel` is: its kind, encoder architecture, front end and head size.
-
-    ``kind``: ``"frame"`` (ATST-Frame), ``"clip"`` (ATST-Clip) or ``"c2f"`` (ATST-Frame distilled
-    from ATST-Clip); ``num_classes``: outputs of the tagging head (0: no head), a fine-tuned one or
-    C2F's; ``labels``: their names (empty: unnamed); ``multi_label``: whether the head was trained
-    with one sigmoid per class (probabilities by sigmoid) rather than a softmax; ``head_type``: a
-    kind of :data:`~atst_features.heads.HEADS`, ``"clip"`` (a LinearHead on the clip embedding:
-    tagging) or ``"events"`` (an EventHead on the last block's frames: sound event detection);
-    ``head_norm``: the head standardises its input (an option of the event head).
-    """
-
-    kind: str
-    encoder: EncoderConfig
-    frontend: FrontendConfig = field(default_factory=FrontendConfig)
-    num_classes: int = 0
-    labels: tuple[str, ...] = ()
-    multi_label: bool = True
-    head_type: str = "clip"
-    head_norm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise InputError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
-        if self.encoder.cls_token != (self.kind == "clip"):
-            raise InputError(f"kind {self.kind!r} does not match the encoder (cls_token={self.encoder.cls_token})")
-        if self.head_type not in HEADS:
-            raise InputError(f"head_type must be one of {tuple(HEADS)}, got {self.head_type!r}")
-        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
-        if self.labels and len(self.labels) != self.num_classes:
-            raise InputError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "encoder": self.encoder.to_dict(),
-            "frontend": self.frontend.to_dict(),
-            "num_classes": self.num_classes,
-            "labels": list(self.labels),
-            "multi_label": self.multi_label,
-            "head_type": self.head_type,
-            "head_norm": self.head_norm,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        """The inverse of :meth:`to_dict`; ``ValueError`` for anything but the expected structure."""
-        if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict) \
-                or not isinstance(data.get("frontend", {}), dict):
-            raise InputError("the model description must be an object with an 'encoder' object")
-        check_field("ModelConfig", "num_classes", data.get("num_classes", 0), int, 0, 100_000)
-        labels = data.get("labels", [])
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise InputError("ModelConfig.labels must be a list of strings")
-        return cls(
-            kind=data["kind"],
-            encoder=EncoderConfig(**data["encoder"]),
-            frontend=FrontendConfig(**data.get("frontend", {})),
-            num_classes=int(data.get("num_classes", 0)),
-            labels=tuple(data.get("labels", ())),
-            multi_label=bool(data.get("multi_label", True)),
-            head_type=str(data.get("head_type", "clip")),
-            head_norm=bool(data.get("head_norm", False)),
-        )
-
-
-class _Window(NamedTuple):
-    item: int  # index of the waveform in the call
-    first_frame: int  # first spectrogram frame of the window in its item
-    n_frames: int  # valid frames in the window
-
+__all__ = ["ATSTModel"]
 
 def _gathers_frames(device: torch.device) -> bool:
     """Whether frame embeddings are written with one gather per block for a whole batch of windows
     (GPUs, where kernel launches cost) rather than one strided copy per window and block (CPUs,
     where bytes cost)."""
     return device.type != "cpu"
-
-
-def _stack_windows(mel: Tensor, batch: list[tuple[int, _Window]]) -> Tensor:
-    """``[W, n_mels, frames]``: each ``(row, window)``'s frames of ``mel [rows, n_mels, T]``, zeros
-    after its end, ``frames`` the longest window. One gather for the whole batch (a per-window copy
-    costs a GPU two kernel launches per window)."""
-    frames = max(window.n_frames for _, window in batch)
-    rows, firsts, counts = torch.tensor([(row, w.first_frame, w.n_frames) for row, w in batch]).to(mel.device).T
-    steps = torch.arange(frames, device=mel.device)
-    columns = (firsts[:, None] + steps).clamp_(max=mel.shape[-1] - 1)
-    bins = torch.arange(mel.shape[1], device=mel.device)
-    stacked = mel[rows[:, None, None], bins[None, :, None], columns[:, None, :]]
-    return stacked.masked_fill_((steps >= counts[:, None])[:, None, :], 0.0)
 
 
 class ATSTModel(nn.Module):
@@ -245,6 +138,18 @@ class ATSTModel(nn.Module):
         return default_labels(self.config.num_classes, audioset=self.kind == "c2f")
 
     @property
+    def min_samples(self) -> int:
+        """Shortest input at 16 kHz, to which shorter audio is zero-padded: what the front end's
+        centred STFT accepts (513 samples for the official models) and at least one token."""
+        patch, hop = self.config.encoder.patch_frames, self.config.frontend.hop_length
+        return max(self.frontend.min_samples, (patch - 1) * hop)
+
+    @property
+    def window_samples(self) -> int:
+        """Samples in one encoder window (:attr:`frame_window` frames: 160 000, 10 s, for the official models)."""
+        return self.frame_window * self.config.frontend.hop_length
+
+    @property
     def embed_dim(self) -> int:
         return self.config.encoder.embed_dim
 
@@ -312,7 +217,7 @@ class ATSTModel(nn.Module):
         n_blocks = self._check_n_blocks(n_blocks)
         waves, is_list = self._prepare(audio, sample_rate)
         with self._inference():
-            pooling = None if self.config.encoder.cls_token else _FramePooling(self, len(waves), n_blocks)
+            pooling = None if self.config.encoder.cls_token else self._new_frame_pooling(len(waves), n_blocks)
             frames, timestamps, clip = self._frames(waves, is_list, n_blocks, batch_size, pooling)
             if clip is None:
                 clip = self._clip_pooling(waves, n_blocks, batch_size)
@@ -422,7 +327,7 @@ class ATSTModel(nn.Module):
     def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:
         """Validated 16 kHz waveforms on the model's device, zero-padded to the front end's minimum."""
         waves, is_list = to_waveforms(audio, sample_rate, self.sample_rate)
-        minimum = self.frontend.min_samples
+        minimum = self.min_samples
         waves = [
             nn.functional.pad(w, (0, minimum - w.numel())) if w.numel() < minimum else w for w in waves
         ]
@@ -442,7 +347,7 @@ class ATSTModel(nn.Module):
     def num_frame_embeddings(self, n_samples: int) -> int:
         """How many frame embeddings ``n_samples`` samples at 16 kHz give: ``(1 + N // 160) // 4``,
         at least 1 (short audio is padded to the front end's minimum)."""
-        samples = max(int(n_samples), self.frontend.min_samples)
+        samples = max(int(n_samples), self.min_samples)
         return int(self.frontend.n_frames(samples)) // self.config.encoder.patch_frames
 
     def _write_frames(self, out: EncoderOutput, n_tokens: list[int], targets: list[Tensor], rows: list[int]) -> None:
@@ -475,13 +380,11 @@ class ATSTModel(nn.Module):
     def _run_windows(
         self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0,
         hop: int | None = None,
-    ) -> Iterator[tuple[list[_Window], list[int], EncoderOutput]]:
+    ) -> Iterator[tuple[list[Window], list[int], EncoderOutput]]:
         """Encode every item in windows of ``width`` frames, one every ``hop`` frames (default
         ``width``: no overlap); yield ``(windows, n_tokens, output)``.
 
-        A window after the first one is kept when it holds at least one token and more than
-        ``later_min_frames`` frames; with overlap, windows stop at the first that reaches the end.
-        Items are processed longest first in groups of about ``batch_size`` windows, so the front
+        Windows as :func:`~atst_features.windows.plan_windows` plans them. Items are processed longest first in groups of about ``batch_size`` windows, so the front
         end pads little and memory stays bounded.
         """
         hop = hop or width
@@ -498,19 +401,13 @@ class ATSTModel(nn.Module):
             else:
                 padded = nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
             mel, _ = self.frontend(padded, torch.tensor(lengths))  # lengths on the CPU: no device sync
-            windows = []
-            for row, item in enumerate(group):
-                total = self.frontend.n_frames(lengths[row])
-                for first in range(0, total, hop):
-                    frames = min(width, total - first)
-                    if frames >= patch and (first == 0 or frames > later_min_frames):
-                        windows.append((row, _Window(item, first, frames)))
-                    if first + width >= total - total % patch:  # this window holds the last token
-                        break
+            windows = [(row, Window(item, first, frames)) for row, item in enumerate(group)
+                       for first, frames in plan_windows(self.frontend.n_frames(lengths[row]), width, hop, patch,
+                                                         later_min_frames)]
             windows.sort(key=lambda entry: -entry[1].n_frames)
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
-                stacked = _stack_windows(mel, batch)
+                stacked = stack_windows(mel, batch)
                 n_tokens = [window.n_frames // patch for _, window in batch]
                 padded_keys = min(n_tokens) < stacked.shape[-1] // patch
                 token_counts = torch.tensor(n_tokens).to(self.device) if padded_keys else None
@@ -531,24 +428,15 @@ class ATSTModel(nn.Module):
         if group:
             yield group
 
-    def _masked_token_sums(self, output: EncoderOutput, n_tokens: list[int]) -> Tensor:
-        """Per window and block, the sum of valid tokens: ``[W, n_blocks, D]`` float32 (also under autocast)."""
-        tokens = torch.stack(output.tokens, dim=1).float()  # [W, n, P, D]
-        valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < torch.tensor(
-            n_tokens, device=tokens.device
-        )[:, None]
-        with torch.autocast(tokens.device.type, enabled=False):
-            return torch.einsum("wnpd,wp->wnd", tokens, valid.float())
-
     def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Frame / C2F clip embedding: token-weighted means over all windows of each item."""
-        pooling = _FramePooling(self, len(waves), n_blocks)
+        pooling = self._new_frame_pooling(len(waves), n_blocks)
         for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
             pooling.add(windows, n_tokens, out)
         return pooling.result()
 
     def _frames(
-        self, waves: list[Tensor], is_list: bool, n_blocks: int, batch_size: int, pooling: "_FramePooling | None"
+        self, waves: list[Tensor], is_list: bool, n_blocks: int, batch_size: int, pooling: FramePooling | None
     ):
         """Frame embeddings and timestamps (lists for a list input, else batch tensors); with
         ``pooling``, also the ATST-Frame clip embedding from the same windows."""
@@ -578,45 +466,12 @@ class ATSTModel(nn.Module):
     def _clip_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
         """ATST-Clip clip embedding: CLS and token means of each 6 s chunk, averaged over the chunks
         that count (the first one, and later ones holding more than half a chunk)."""
-        count, dim = len(waves), self.embed_dim
-        cls_sums = torch.zeros(count, n_blocks, dim, device=self.device)
-        mean_sums = torch.zeros_like(cls_sums)
-        chunks = torch.zeros(count, device=self.device)
+        pooling = ChunkPooling(len(waves), n_blocks, self.embed_dim, self.device)
         for windows, n_tokens, out in self._run_windows(
             waves, self.clip_chunk, n_blocks, batch_size, later_min_frames=self.clip_chunk // 2
         ):
-            items = torch.tensor([w.item for w in windows], device=self.device)
-            own_tokens = torch.tensor(n_tokens, device=self.device, dtype=torch.float32)
-            cls_sums.index_add_(0, items, torch.stack(out.cls, dim=1).float())
-            mean_sums.index_add_(0, items, self._masked_token_sums(out, n_tokens) / own_tokens[:, None, None])
-            chunks.index_add_(0, items, torch.ones_like(own_tokens))
-        scale = chunks[:, None, None]
-        return torch.cat([(cls_sums / scale).reshape(count, -1), (mean_sums / scale).reshape(count, -1)], dim=1)
+            pooling.add(windows, n_tokens, out)
+        return pooling.result()
 
-
-class _FramePooling:
-    """Running sums for the ATST-Frame / C2F clip embedding: per item and block, the valid frame
-    tokens (and raw prompt means weighted by token counts) over all windows seen."""
-
-    def __init__(self, model: ATSTModel, items: int, n_blocks: int) -> None:
-        self.model = model
-        self.sums = torch.zeros(items, n_blocks, model.embed_dim, device=model.device)
-        self.prompt_sums = torch.zeros_like(self.sums) if model.config.encoder.n_prompts else None
-        self.totals = torch.zeros(items, device=model.device)
-
-    def add(self, windows: list[_Window], n_tokens: list[int], out: EncoderOutput) -> None:
-        device = self.sums.device
-        items = torch.tensor([w.item for w in windows], device=device)
-        weights = torch.tensor(n_tokens, device=device, dtype=torch.float32)
-        self.sums.index_add_(0, items, self.model._masked_token_sums(out, n_tokens))
-        self.totals.index_add_(0, items, weights)
-        if self.prompt_sums is not None:
-            prompts = torch.stack(out.prompts, dim=1).float().mean(dim=2)  # [W, n, D]
-            self.prompt_sums.index_add_(0, items, prompts * weights[:, None, None])
-
-    def result(self) -> Tensor:
-        scale = self.totals[:, None, None]
-        parts = [self.sums / scale]
-        if self.prompt_sums is not None:
-            parts.append(self.prompt_sums / scale)
-        return torch.stack(parts, dim=2).reshape(len(self.sums), -1)  # per block: [tokens, prompts]
+    def _new_frame_pooling(self, items: int, n_blocks: int) -> FramePooling:
+        return FramePooling(items, n_blocks, self.embed_dim, bool(self.config.encoder.n_prompts), self.device)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .checkpoints import CheckpointContents, check_state_dict, check_tensors
 from .errors import CheckpointError
 from .files import CARD_NAME, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from .card import model_card
-from .model import ATSTModel, ModelConfig
+from .config import ModelConfig
+from .model import ATSTModel
 from .registry import ATST_CITATION
 
 __all__ = ["read_pretrained", "save_pretrained"]
@@ -80,33 +82,42 @@ def read_pretrained(directory: str | os.PathLike) -> CheckpointContents:
             f"{str(config_path)!r}: format version {config['format_version']} is newer than this atst-features "
             f"reads ({FORMAT_VERSION}); upgrade atst-features"
         )
+    provenance = config.get("provenance", {})
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("hyper_parameters", {}), dict):
+        raise CheckpointError(f"{str(config_path)!r}: 'provenance' and its 'hyper_parameters' must be objects")
     if not weights_path.is_file():
         raise CheckpointError(f"{str(directory)!r}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
     try:
         model_config = ModelConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as err:
+    except ValueError as err:
         raise CheckpointError(f"{str(config_path)!r}: invalid model description ({err})") from None
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{str(weights_path)!r}: corrupted or truncated weights ({str(err).splitlines()[0]}); "
-            "download it again (load_model(..., force_download=True))"
-        ) from None
-    check_tensors(state, repr(str(weights_path)))
-    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")} or None
-    _check_weights(state, model_config, weights_path)
+    state = _read_weights(weights_path, model_config)
     return CheckpointContents(
         config=model_config,
-        encoder_state=encoder,
-        head_state=head,
+        encoder_state={k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")},
+        head_state={k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")} or None,
         layout=f"atst-features folder {str(directory)!r}",
-        hyper_parameters=config.get("provenance", {}).get("hyper_parameters", {}),
+        hyper_parameters=provenance.get("hyper_parameters", {}),
     )
 
 
-def _check_weights(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+def _read_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of the model ``config`` describes, read from ``path`` once the file's header lists
+    exactly their names and shapes: no tensor is read before, and none but these."""
     with torch.device("meta"):
         expected = ATSTModel(config).state_dict()
-    check_state_dict(state, expected, repr(str(path)), "weights (of the model config.json describes)")
+    name = repr(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            declared = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+            check_state_dict(declared, expected, name, "weights (of the model config.json describes)")
+            state = {key: weights.get_tensor(key) for key in expected}
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{name}: corrupted or truncated weights ({str(err).splitlines()[0]}); "
+            "download it again (load_model(..., force_download=True))"
+        ) from None
+    check_tensors(state, name)
+    return state

@@ -86,12 +86,12 @@ def _classes(method: str, explicit_precision: bool):
 
 def cpu_precision(precision, accelerator, explicit: bool):
     """The trainer precision to use: a 16-bit one on a CPU without fast kernels for it (see
-    :func:`~atst_features.encoder.cpu_multiplies_fast`) runs a step several times slower than
+    :func:`~atst_features.precision.cpu_multiplies_fast`) runs a step several times slower than
     ``32-true`` (38x for frame-mini on an AVX2-only EPYC): a preset's becomes ``32-true``, with a
     note; one given on the command line (``explicit``) stays, with a warning."""
     import torch
 
-    from ..model import slow_precision_message
+    from ..precision import slow_precision_message
 
     name = str(precision)
     half = torch.bfloat16 if "bf16" in name else torch.float16 if name.startswith("16") else None

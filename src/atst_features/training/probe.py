@@ -44,7 +44,7 @@ from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..errors import ATSTError, InputError
 from ..frontend import FrontendConfig, LogMelFrontend
 from ..loading import resolve_device
-from ..model import slow_precision_message
+from ..precision import slow_precision_message
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
 from .manifests import SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, read_labelled, split_items
 from .metrics import score

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from ..model import ATSTModel, ModelConfig
+from ..config import ModelConfig
+from ..model import ATSTModel
 from .objective import cosine_schedule
 
 __all__ = ["FINAL_LR", "MOMENTUM", "SupervisedTraining", "layerwise_groups", "model_from_source"]
@@ -123,11 +124,11 @@ class SupervisedTraining(L.LightningModule):
 
     def spectrograms(self, waveforms: Tensor, n_samples: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised log-mel ``[B, F, T]`` and valid frames ``[B]`` (short clips padded to the minimum)."""
-        frontend = self.model.frontend
-        if waveforms.shape[-1] < frontend.min_samples:
-            waveforms = F.pad(waveforms, (0, frontend.min_samples - waveforms.shape[-1]))
+        minimum = self.model.min_samples
+        if waveforms.shape[-1] < minimum:
+            waveforms = F.pad(waveforms, (0, minimum - waveforms.shape[-1]))
         with torch.no_grad():
-            return frontend(waveforms.float(), n_samples.clamp(min=frontend.min_samples))
+            return self.model.frontend(waveforms.float(), n_samples.clamp(min=minimum))
 
     def gather(self, *tensors: Tensor) -> list[Tensor]:
         """Concatenate a validation epoch's tensors over processes (the distributed sampler pads every

@@ -1,0 +1,114 @@
+"""Windows of the spectrogram, and the clip embeddings pooled over them.
+
+The encoder's positional table bounds its input (250 tokens, 1000 frames, 10 s, for the official
+models), so :class:`~atst_features.model.ATSTModel` cuts each item's spectrogram into windows
+(:func:`plan_windows`), runs the windows of many items as one padded batch (:func:`stack_windows`)
+and pools each item's clip embedding over its windows' outputs (:class:`FramePooling` for
+ATST-Frame / C2F, :class:`ChunkPooling` for ATST-Clip's 6 s chunks).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .encoder import EncoderOutput
+
+__all__ = ["ChunkPooling", "FramePooling", "Window", "masked_token_sums", "plan_windows", "stack_windows"]
+
+
+class Window(NamedTuple):
+    item: int  # index of the waveform in the call
+    first_frame: int  # first spectrogram frame of the window in its item
+    n_frames: int  # valid frames in the window
+
+
+def plan_windows(total: int, width: int, hop: int, patch: int, later_min_frames: int = 0) -> list[tuple[int, int]]:
+    """``(first frame, frames)`` of the windows of ``width`` frames, one every ``hop``, over ``total``
+    frames: a window after the first one is kept when it holds at least one token (``patch``
+    frames) and more than ``later_min_frames`` frames; with overlap, windows stop at the first that
+    reaches the last token."""
+    planned = []
+    for first in range(0, total, hop):
+        frames = min(width, total - first)
+        if frames >= patch and (first == 0 or frames > later_min_frames):
+            planned.append((first, frames))
+        if first + width >= total - total % patch:  # this window holds the last token
+            break
+    return planned
+
+
+def stack_windows(mel: Tensor, batch: list[tuple[int, Window]]) -> Tensor:
+    """``[W, n_mels, frames]``: each ``(row, window)``'s frames of ``mel [rows, n_mels, T]``, zeros
+    after its end, ``frames`` the longest window. One gather for the whole batch (a per-window copy
+    costs a GPU two kernel launches per window)."""
+    frames = max(window.n_frames for _, window in batch)
+    rows, firsts, counts = torch.tensor([(row, w.first_frame, w.n_frames) for row, w in batch]).to(mel.device).T
+    steps = torch.arange(frames, device=mel.device)
+    columns = (firsts[:, None] + steps).clamp_(max=mel.shape[-1] - 1)
+    bins = torch.arange(mel.shape[1], device=mel.device)
+    stacked = mel[rows[:, None, None], bins[None, :, None], columns[:, None, :]]
+    return stacked.masked_fill_((steps >= counts[:, None])[:, None, :], 0.0)
+
+
+def masked_token_sums(output: EncoderOutput, n_tokens: list[int]) -> Tensor:
+    """Per window and block, the sum of valid tokens: ``[W, n_blocks, D]`` float32 (also under autocast)."""
+    tokens = torch.stack(output.tokens, dim=1).float()  # [W, n, P, D]
+    valid = torch.arange(tokens.shape[2], device=tokens.device)[None, :] < torch.tensor(
+        n_tokens, device=tokens.device
+    )[:, None]
+    with torch.autocast(tokens.device.type, enabled=False):
+        return torch.einsum("wnpd,wp->wnd", tokens, valid.float())
+
+
+class FramePooling:
+    """Running sums for the ATST-Frame / C2F clip embedding of ``items`` clips: per item and block, the
+    valid frame tokens (and, with ``prompts``, the raw prompt means weighted by token counts) over all
+    windows seen; :meth:`result` is the token-weighted mean ``[items, blocks * parts * dim]``."""
+
+    def __init__(self, items: int, n_blocks: int, dim: int, prompts: bool, device: torch.device) -> None:
+        self.sums = torch.zeros(items, n_blocks, dim, device=device)
+        self.prompt_sums = torch.zeros_like(self.sums) if prompts else None
+        self.totals = torch.zeros(items, device=device)
+
+    def add(self, windows: list[Window], n_tokens: list[int], out: EncoderOutput) -> None:
+        device = self.sums.device
+        items = torch.tensor([w.item for w in windows], device=device)
+        weights = torch.tensor(n_tokens, device=device, dtype=torch.float32)
+        self.sums.index_add_(0, items, masked_token_sums(out, n_tokens))
+        self.totals.index_add_(0, items, weights)
+        if self.prompt_sums is not None:
+            prompts = torch.stack(out.prompts, dim=1).float().mean(dim=2)  # [W, n, D]
+            self.prompt_sums.index_add_(0, items, prompts * weights[:, None, None])
+
+    def result(self) -> Tensor:
+        scale = self.totals[:, None, None]
+        parts = [self.sums / scale]
+        if self.prompt_sums is not None:
+            parts.append(self.prompt_sums / scale)
+        return torch.stack(parts, dim=2).reshape(len(self.sums), -1)  # per block: [tokens, prompts]
+
+
+class ChunkPooling:
+    """Running sums for the ATST-Clip clip embedding of ``items`` clips: per chunk, the CLS outputs and
+    the chunk's own token mean; :meth:`result` averages them over each item's chunks, all CLS parts
+    first, then all token means: ``[items, 2 * blocks * dim]``."""
+
+    def __init__(self, items: int, n_blocks: int, dim: int, device: torch.device) -> None:
+        self.cls_sums = torch.zeros(items, n_blocks, dim, device=device)
+        self.mean_sums = torch.zeros_like(self.cls_sums)
+        self.chunks = torch.zeros(items, device=device)
+
+    def add(self, windows: list[Window], n_tokens: list[int], out: EncoderOutput) -> None:
+        device = self.chunks.device
+        items = torch.tensor([w.item for w in windows], device=device)
+        own_tokens = torch.tensor(n_tokens, device=device, dtype=torch.float32)
+        self.cls_sums.index_add_(0, items, torch.stack(out.cls, dim=1).float())
+        self.mean_sums.index_add_(0, items, masked_token_sums(out, n_tokens) / own_tokens[:, None, None])
+        self.chunks.index_add_(0, items, torch.ones_like(own_tokens))
+
+    def result(self) -> Tensor:
+        count, scale = len(self.chunks), self.chunks[:, None, None]
+        return torch.cat([(self.cls_sums / scale).reshape(count, -1), (self.mean_sums / scale).reshape(count, -1)], dim=1)
