@@ -131,3 +131,25 @@ def test_unpadded_batches_take_the_slice_path_with_the_same_result(samples):
     padded = torch.nn.functional.pad(waves, (0, 1))  # one padded column forces the gather path
     general, _ = frontend(padded, torch.tensor([samples, samples]))
     assert torch.equal(fast, general[:, :, : fast.shape[2]])
+
+
+def test_loud_audio_goes_through_a_gain_with_the_same_spectrogram(frontend, monkeypatch):
+    """Beyond loud_samples an item is divided by its peak and its dB shifted back: the spectrogram is
+    the one plain arithmetic gives while it does not overflow, within float32 rounding."""
+    audio = torch.from_numpy(waveform(2.0)) * 1e8
+    through_gain, _ = frontend(audio[None])
+    monkeypatch.setattr(LogMelFrontend, "loud_samples", float("inf"))
+    plain, _ = frontend(audio[None])
+    assert torch.isfinite(plain).all() and (through_gain - plain).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("peak", [1e20, 3.0e38])
+def test_any_finite_audio_gives_a_finite_spectrogram(frontend, peak):
+    """float32 powers overflow from peaks of about 1e16: before the gain, 1e20 gave NaN embeddings."""
+    quiet = torch.from_numpy(waveform(1.0, seed=1))
+    loud = torch.from_numpy(waveform(1.5))
+    loud = loud / loud.abs().max() * peak
+    mel, _ = frontend(torch.nn.utils.rnn.pad_sequence([loud, quiet], batch_first=True), torch.tensor([len(loud), len(quiet)]))
+    assert torch.isfinite(mel).all()
+    assert torch.equal(mel[1, :, :101], frontend(quiet[None])[0][0])  # the quiet item of the batch is untouched
+    assert torch.equal(mel[0], frontend(loud[None])[0][0])

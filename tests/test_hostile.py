@@ -317,3 +317,46 @@ def test_a_large_tensor_the_model_does_not_have_is_never_read(tmp_path, folder):
     message, grown_kib = result.stdout.splitlines()
     assert "unexpected ['encoder.unused']" in message
     assert int(grown_kib) < 32 * 1024  # KiB: far below the 256 MB tensor
+
+
+@pytest.mark.parametrize("peak", [1e20, 3.0e38])
+def test_extreme_but_finite_audio_embeds_to_finite_values(tmp_path, folder, peak):
+    """Far beyond [-1, 1], up to float32's range: finite embeddings from the API and in the files
+    atst-embed writes (a peak of 1e20 used to write NaN)."""
+    import soundfile
+
+    audio = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32)
+    audio = (audio / np.abs(audio).max() * peak).astype(np.float32)
+    model = load_model(folder, device="cpu")
+    clip, frames, _ = model.get_embeddings(audio)
+    assert torch.isfinite(clip).all() and torch.isfinite(frames).all()
+    soundfile.write(tmp_path / "loud.wav", audio, 16000, subtype="FLOAT")
+    result = CliRunner().invoke(embed, [str(tmp_path / "loud.wav"), "--model", str(folder), "--level", "both", "-q"])
+    assert result.exit_code == 0, result.output
+    written = np.load(tmp_path / "loud.npz")
+    assert np.isfinite(written["clip"]).all() and np.isfinite(written["frame"]).all()
+
+
+def test_a_model_that_computes_non_finite_values_returns_and_writes_nothing(tmp_path, folder):
+    """Finite weights too large to compute with (the final norm's at 3e38 overflow): a
+    NonFiniteError, never an embedding; atst-embed fails each file in one line and writes nothing."""
+    import soundfile
+
+    from atst_features import NonFiniteError
+
+    model = load_model(folder, device="cpu")
+    model.encoder.norm.weight.data.fill_(3e38)
+    model.encoder.norm.bias.data.fill_(3e38)
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf for audio\[0\] and 1 more \(of 2\): the weights") as raised:
+        model.get_frame_embeddings([np.ones(8000, np.float32), np.ones(4000, np.float32)])
+    assert raised.value.items == (0, 1)
+    with pytest.raises(NonFiniteError, match="for this audio"):
+        next(model.iter_frame_embeddings(np.ones(8000, np.float32)))  # the streaming path checks every piece
+    damaged = save_pretrained(model, tmp_path / "damaged")
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(tmp_path / name, np.full(8000, 0.1, np.float32), 16000)
+    result = CliRunner().invoke(embed, [str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--model", str(damaged), "-q"])
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 2 and all("NaN or Inf" in line for line in lines)
+    assert "a.wav" in lines[0] + lines[1] and "b.wav" in lines[0] + lines[1] and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.npz"))

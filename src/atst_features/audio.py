@@ -148,7 +148,9 @@ def load_audio(
         )
     waveform = out[:filled]
     if not np.isfinite(waveform).all():
-        raise AudioDecodeError(f"{str(path)!r}: contains NaN or Inf samples (a float file with invalid values)")
+        overflow = f", or samples too large to resample to {rate} Hz (near float32's limit, 3.4e38)" if rate != info.sample_rate else ""
+        raise AudioDecodeError(f"{str(path)!r}: contains NaN or Inf samples (a float file with invalid values{overflow}); "
+                               "normalise it to [-1, 1]")
     info = AudioInfo(info.path, info.sample_rate, info.channels, decoded, info.format, info.subtype)
     return waveform, info
 
@@ -267,6 +269,9 @@ def _resample_tensor(waveform: Tensor, orig_rate: int, target_rate: int, what: s
         raise EmptyAudioError(
             f"{what} has {waveform.numel()} sample(s) at {orig_rate} Hz: less than one sample at {target_rate} Hz"
         )
+    if not np.isfinite(out).all():
+        raise InputError(f"{what} has samples too large to resample to {target_rate} Hz (near float32's limit, "
+                         "3.4e38); normalise it to [-1, 1]")
     return torch.from_numpy(out).to(waveform.device)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "EmptyAudioError",
     "InputError",
     "ModelNotFoundError",
+    "NonFiniteError",
     "OutputError",
     "SlowPrecisionWarning",
 ]
@@ -56,6 +57,16 @@ class DownloadError(ATSTError, OSError):
 
 class OutputError(ATSTError, OSError):
     """An output that could not be written (a full disk, a size limit, no permission); the message names it."""
+
+
+class NonFiniteError(ATSTError, ValueError):
+    """A model that computed NaN or Inf for some audio (an overflowing 16-bit precision, or weights
+    too large to compute with): such embeddings are never returned or written. ``items``: the
+    indices of the audio in the call that gave them."""
+
+    def __init__(self, message: str, items: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.items = items
 
 
 class ModelNotFoundError(ATSTError, FileNotFoundError):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .frontend import FrontendConfig, mel_filterbank
+from .frontend import FrontendConfig, LogMelFrontend, mel_filterbank
 from .model import ATSTModel
 
 __all__ = ["ONNX_OPSET", "ConvLogMel", "check_onnx", "export_onnx"]
@@ -37,7 +37,8 @@ ONNX_OPSET = 18
 class ConvLogMel(nn.Module):
     """The log-mel front end for equal-length batches, as operations every exporter knows: reflect
     padding, the STFT as a strided convolution with the Hann-windowed DFT basis, the mel filters, dB
-    with the per-item floor (item maximum - top_db) and min-max scaling. ``[B, N] -> [B, n_mels, 1 + N // hop]``;
+    with the per-item floor (item maximum - top_db) and min-max scaling; items louder than
+    ``LogMelFrontend.loud_samples`` through the same gain, so no finite input overflows. ``[B, N] -> [B, n_mels, 1 + N // hop]``;
     equal to :class:`~atst_features.frontend.LogMelFrontend` within float32 rounding."""
 
     def __init__(self, config: FrontendConfig) -> None:
@@ -54,11 +55,13 @@ class ConvLogMel(nn.Module):
 
     def forward(self, waveform: Tensor) -> Tensor:
         cfg = self.config
-        padded = nn.functional.pad(waveform[:, None, :], (cfg.n_fft // 2, cfg.n_fft // 2), mode="reflect")
+        peak = waveform.abs().amax(dim=1, keepdim=True)
+        gain = torch.where(peak > LogMelFrontend.loud_samples, peak, torch.ones_like(peak))  # [B, 1]
+        padded = nn.functional.pad((waveform / gain)[:, None, :], (cfg.n_fft // 2, cfg.n_fft // 2), mode="reflect")
         spectrum = nn.functional.conv1d(padded, self.basis, stride=cfg.hop_length)  # [B, 2 * n_freqs, T]
         real, imag = spectrum.chunk(2, dim=1)
         mel = torch.matmul(self.filters, real.square() + imag.square())
-        db = 10.0 * torch.log10(mel.clamp(min=1e-10))
+        db = 10.0 * torch.log10(mel.clamp(min=1e-10)) + 20.0 * torch.log10(gain)[:, :, None]
         floor = db.amax(dim=(1, 2), keepdim=True) - cfg.top_db
         db = torch.maximum(db, floor)
         return (db - cfg.db_min) / (cfg.db_max - cfg.db_min) * 2.0 - 1.0

@@ -93,6 +93,11 @@ class LogMelFrontend(torch.nn.Module):
 
     # Frames computed per STFT call: bounds the complex intermediate on hour-long inputs.
     frames_per_block = 6000
+    # An item whose samples reach beyond this is divided by its peak before the power spectrum, and
+    # 20 log10(peak) added back to its dB: float32 powers overflow from about 1e16 (a clip of 1e20
+    # gave NaN embeddings). Far above any real recording (120 dB above full scale), so real audio
+    # takes the same arithmetic as ever.
+    loud_samples = 1e6
 
     def __init__(self, config: FrontendConfig | None = None) -> None:
         super().__init__()
@@ -140,6 +145,15 @@ class LogMelFrontend(torch.nn.Module):
         inside = (index >= 0) & (index <= last)
         return torch.where(inside, torch.gather(waveforms, 1, index.clamp(0, waveforms.shape[1] - 1)), 0.0)
 
+    def _gain(self, waveforms: Tensor) -> Tensor | None:
+        """Per item, its peak where it exceeds :attr:`loud_samples`, else 1 (``[B]``); None on a CPU
+        when no item is that loud (checking costs no device synchronisation there)."""
+        peak = torch.linalg.vector_norm(waveforms, ord=math.inf, dim=1)
+        loud = peak > self.loud_samples
+        if waveforms.device.type == "cpu" and not bool(loud.any()):
+            return None
+        return torch.where(loud, peak, torch.ones_like(peak))
+
     def forward(self, waveforms: Tensor, n_samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # Never under autocast (e.g. bf16-mixed training): a bf16 power spectrum loses the 80 dB range.
         with torch.autocast(device_type=waveforms.device.type, enabled=False):
@@ -161,6 +175,9 @@ class LogMelFrontend(torch.nn.Module):
             )
         window, filters = self._window_and_filters(device)
         waveforms = waveforms.to(torch.float32)
+        gain = self._gain(waveforms)
+        if gain is not None:
+            waveforms = waveforms / gain[:, None]
 
         total_frames = self.n_frames(width)
         mel = torch.empty(batch, cfg.n_mels, total_frames, dtype=torch.float32, device=device)
@@ -183,6 +200,8 @@ class LogMelFrontend(torch.nn.Module):
         # In place from here on: for an hour of audio each copy of `mel` would be about 90 MB.
         amin = 1e-10
         db = mel.clamp_(min=amin).log10_().mul_(10.0)
+        if gain is not None:
+            db.add_(20.0 * torch.log10(gain)[:, None, None])
         n_frames = self.n_frames(n_samples)
         silence = 10.0 * math.log10(amin)  # what digital silence becomes, unless the floor is higher
         # Per item: floor = its loudest valid bin - top_db; frames past its end hold max(floor, silence).

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from .audio import SAMPLE_RATE, to_waveforms
 from .config import ModelConfig
 from .encoder import ATSTEncoder, EncoderOutput
-from .errors import InputError, SlowPrecisionWarning
+from .errors import InputError, NonFiniteError, SlowPrecisionWarning
 from .frontend import LogMelFrontend
 from .heads import HEADS, HeadSpec, default_labels, weak_pooling
 from .precision import PRECISIONS, slow_precision_message
-from .windows import ChunkPooling, FramePooling, Window, plan_windows, stack_windows
+from .windows import ChunkPooling, FiniteCheck, FramePooling, Window, plan_windows, stack_windows
 
 __all__ = ["ATSTModel"]
 
@@ -236,7 +236,7 @@ class ATSTModel(nn.Module):
         if is_list or len(waves) != 1:
             raise InputError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
         patch = self.config.encoder.patch_frames
-        batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size)
+        batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size, check_each=True)
         while True:
             # Inference and eval mode only while computing, never while suspended at a yield.
             with self._inference():
@@ -379,19 +379,22 @@ class ATSTModel(nn.Module):
 
     def _run_windows(
         self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0,
-        hop: int | None = None,
+        hop: int | None = None, check_each: bool = False,
     ) -> Iterator[tuple[list[Window], list[int], EncoderOutput]]:
         """Encode every item in windows of ``width`` frames, one every ``hop`` frames (default
         ``width``: no overlap); yield ``(windows, n_tokens, output)``.
 
         Windows as :func:`~atst_features.windows.plan_windows` plans them. Items are processed longest first in groups of about ``batch_size`` windows, so the front
-        end pads little and memory stays bounded.
+        end pads little and memory stays bounded. A NaN or Inf in any output raises
+        :class:`NonFiniteError` once every window has run (``check_each``: before the batch that
+        holds it is yielded), so no caller returns it.
         """
         hop = hop or width
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         patch = self.config.encoder.patch_frames
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
+        check = FiniteCheck(len(waves), self.device)
         for group in self._groups(order, waves, hop, batch_size):
             lengths = [waves[i].numel() for i in group]
             if len(group) == 1:  # no padded copy of a long single input
@@ -413,7 +416,22 @@ class ATSTModel(nn.Module):
                 token_counts = torch.tensor(n_tokens).to(self.device) if padded_keys else None
                 with self._autocast():
                     output = self.encoder(stacked.to(self.dtype), token_counts, n_blocks)
+                check.add([window for _, window in batch], output)
+                if check_each:
+                    self._refuse_non_finite(check, len(waves))
                 yield [window for _, window in batch], n_tokens, output
+        self._refuse_non_finite(check, len(waves))
+
+    def _refuse_non_finite(self, check: FiniteCheck, count: int) -> None:
+        """:class:`NonFiniteError` naming the items of ``count`` whose outputs were NaN or Inf, if any."""
+        bad = check.bad_items()
+        if not bad:
+            return
+        which = "this audio" if count == 1 else (
+            f"audio[{bad[0]}]" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + f" (of {count})")
+        fp16 = self.dtype == torch.float16 or (self.precision or "").startswith("fp16")
+        cause = "float16 overflowed: use bf16 or fp32" if fp16 else "the weights are damaged or too large to compute with"
+        raise NonFiniteError(f"the model computes NaN or Inf for {which}: {cause}; no embedding is returned", items=bad)
 
     def _groups(self, order: list[int], waves: list[Tensor], width: int, batch_size: int) -> Iterator[list[int]]:
         """Consecutive items of ``order`` whose windows add up to about ``batch_size`` (at least one item)."""

@@ -4,7 +4,8 @@ The encoder's positional table bounds its input (250 tokens, 1000 frames, 10 s, 
 models), so :class:`~atst_features.model.ATSTModel` cuts each item's spectrogram into windows
 (:func:`plan_windows`), runs the windows of many items as one padded batch (:func:`stack_windows`)
 and pools each item's clip embedding over its windows' outputs (:class:`FramePooling` for
-ATST-Frame / C2F, :class:`ChunkPooling` for ATST-Clip's 6 s chunks).
+ATST-Frame / C2F, :class:`ChunkPooling` for ATST-Clip's 6 s chunks). :class:`FiniteCheck` notes
+which items' outputs held a NaN or Inf, so that none is ever returned.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from .encoder import EncoderOutput
 
-__all__ = ["ChunkPooling", "FramePooling", "Window", "masked_token_sums", "plan_windows", "stack_windows"]
+__all__ = ["ChunkPooling", "FiniteCheck", "FramePooling", "Window", "masked_token_sums", "plan_windows", "stack_windows"]
 
 
 class Window(NamedTuple):
@@ -112,3 +113,22 @@ class ChunkPooling:
     def result(self) -> Tensor:
         count, scale = len(self.chunks), self.chunks[:, None, None]
         return torch.cat([(self.cls_sums / scale).reshape(count, -1), (self.mean_sums / scale).reshape(count, -1)], dim=1)
+
+
+class FiniteCheck:
+    """Which of ``items`` clips got a NaN or Inf from the encoder. A non-finite value anywhere in the
+    residual stream stays non-finite in every later block (and attention spreads it over the
+    window), so the last block's outputs tell for all returned blocks. Flags stay on the device
+    until :meth:`bad_items` reads them: one synchronisation per call, not per batch."""
+
+    def __init__(self, items: int, device: torch.device) -> None:
+        self.flags = torch.zeros(items, dtype=torch.int32, device=device)
+
+    def add(self, windows: list[Window], out: EncoderOutput) -> None:
+        last = [out.tokens[-1]] + [parts[-1] for parts in (out.cls, out.prompts) if parts]
+        finite = torch.stack([torch.isfinite(t).flatten(1).all(dim=1) for t in last]).all(dim=0)  # [W]
+        items = torch.tensor([w.item for w in windows], device=self.flags.device)
+        self.flags.index_add_(0, items, (~finite).to(torch.int32))
+
+    def bad_items(self) -> tuple[int, ...]:
+        return tuple(self.flags.nonzero().flatten().tolist())
