@@ -28,7 +28,7 @@ import torch
 
 from atst_features import load_model, save_pretrained
 from atst_features.audio import SAMPLE_RATE, load_audio
-from atst_features.cli import POOL_BATCHES
+from atst_features.cli.pipeline import POOL_BATCHES
 from atst_features.encoder import EncoderConfig
 from atst_features.config import ModelConfig
 from atst_features.model import ATSTModel

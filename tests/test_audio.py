@@ -259,7 +259,7 @@ def test_one_sample_at_44k_is_reported_as_too_short_not_empty(tmp_path):
 def test_a_binary_manifest_is_a_usage_error(tmp_path):
     from click.testing import CliRunner
 
-    from atst_features.cli import embed
+    from atst_features.cli.embed import embed
 
     manifest = tmp_path / "list.txt"
     manifest.write_bytes(b"\xff\xfe\x00\x01binary\x80\x81")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import recipe_checkpoint, waveform
 
 from atst_features import load_model
-from atst_features.cli import convert, models
+from atst_features.cli.tools import convert, models
 from atst_features.files import sha256_of
 
 AUDIO = waveform(12.0, 41)

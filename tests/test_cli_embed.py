@@ -18,8 +18,11 @@ import torch
 from click.testing import CliRunner
 from conftest import waveform
 
-import atst_features.cli as cli
-from atst_features.cli import embed
+from atst_features.cli import pipeline
+from atst_features.cli.embed import embed
+from atst_features.cli.jobs import JobReporter
+from atst_features.errors import InputError
+from atst_features.inputs import find_inputs
 
 
 def write_audio(path: Path, seconds: float, seed: int, rate: int = 16000, channels: int = 1, **kwargs) -> np.ndarray:
@@ -205,7 +208,7 @@ def test_python_dash_m_is_atst_embed(tmp_path, frame_small_ckpt):
 
 @pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
 def test_long_files_are_streamed_to_disk(tmp_path, frame_small_ckpt, frame_small, monkeypatch, fmt):
-    monkeypatch.setattr(cli, "STREAM_BYTES", 0)  # stream every file
+    monkeypatch.setattr(pipeline, "STREAM_BYTES", 0)  # stream every file
     path = tmp_path / "long.wav"
     write_audio(path, 25.0, 6)
     out = tmp_path / "out"
@@ -333,7 +336,7 @@ def test_full_disk_is_one_line_per_file_in_every_format(tmp_path, frame_small_ck
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-        "from atst_features.cli import embed\n"
+        "from atst_features.cli.embed import embed\n"
         "embed(sys.argv[1:])\n"
     )
     result = subprocess.run(
@@ -428,14 +431,14 @@ def test_jobs_together_equal_one_run(tmp_path, frame_small_ckpt, five_files):
 
 def test_a_job_stops_when_its_parent_is_gone(tmp_path):
     write_audio(tmp_path / "a.wav", 1.0, 1)
-    item = cli.find_inputs([str(tmp_path / "a.wav")], None)[0]
+    item = find_inputs([str(tmp_path / "a.wav")], None)[0]
     messages = []
-    reporter = cli._JobReporter(type("Queue", (), {"put": lambda self, message: messages.append(message)})(), os.getppid())
+    reporter = JobReporter(type("Queue", (), {"put": lambda self, message: messages.append(message)})(), os.getppid())
     assert [pair[0] for pair in reporter.decoded([item], 0)] == [item]  # parent alive: goes on
-    orphan = cli._JobReporter(reporter.queue, parent=os.getppid() + 1)
+    orphan = JobReporter(reporter.queue, parent=os.getppid() + 1)
     with pytest.raises(KeyboardInterrupt):
         list(orphan.decoded([item], 0))
-    reporter.error(item, cli.InputError("cannot decode"))
+    reporter.error(item, InputError("cannot decode"))
     assert messages == [("failed", f"{str(item.path)!r}: cannot decode")]
 
 

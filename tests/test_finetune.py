@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from conftest import write_audio
 
 from atst_features import load_model
-from atst_features.cli import convert, tag
+from atst_features.cli.tag import tag
+from atst_features.cli.tools import convert
 from atst_features.encoder import EncoderConfig
 from atst_features.errors import InputError
 from atst_features.heads import LinearHead, audioset_labels

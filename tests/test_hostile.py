@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import atst_features
 from atst_features import ATSTError, CheckpointError, load_model, save_pretrained
-from atst_features.cli import convert, embed
+from atst_features.cli.embed import embed
+from atst_features.cli.tools import convert
 from atst_features.encoder import EncoderConfig
 from atst_features.config import ModelConfig
 from atst_features.model import ATSTModel

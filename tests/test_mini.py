@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from atst_features import ChecksumError, DownloadError, load_model
 from atst_features import hub
-from atst_features.cli import embed
+from atst_features.cli.embed import embed
 from atst_features.files import sha256_of
 from atst_features.registry import OFFLINE_MODEL, REGISTRY
 

@@ -265,7 +265,8 @@ def test_core_imports_no_training_stack():
     import sys
 
     code = (
-        "import sys, atst_features, atst_features.cli, atst_features.hear; "
+        "import sys, atst_features, atst_features.cli.embed, atst_features.cli.tag, atst_features.cli.detect, "
+        "atst_features.cli.tools, atst_features.hear; "
         "bad = [m for m in ('atst_features.training', 'lightning', 'pytorch_lightning', 'torchaudio', 'tensorflow') "
         "if m in sys.modules]; print(bad)"
     )

@@ -14,7 +14,7 @@ from download_server import DownloadServer
 from hub_server import FakeHub
 
 from atst_features import ChecksumError, DownloadError, load_model, save_pretrained
-from atst_features.cli import embed
+from atst_features.cli.embed import embed
 from atst_features.encoder import EncoderConfig
 from atst_features.files import sha256_of
 from atst_features.registry import REGISTRY

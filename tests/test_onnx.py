@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from atst_features import InputError, load_model  # noqa: E402
-from atst_features.cli import export  # noqa: E402
+from atst_features.cli.tools import export  # noqa: E402
 from atst_features.export import ConvLogMel, export_onnx  # noqa: E402
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

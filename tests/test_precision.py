@@ -14,7 +14,7 @@ import atst_features
 from atst_features import InputError, SlowPrecisionWarning
 from atst_features import encoder as encoder_module
 from atst_features import precision as precision_module
-from atst_features.cli import embed
+from atst_features.cli.embed import embed
 from atst_features.precision import PRECISIONS
 
 AUDIO = [waveform(12.3, 1), waveform(3.7, 2)]  # two windows and a padded batch

@@ -15,7 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from atst_features import load_model, save_pretrained
-from atst_features.cli import convert, detect, score
+from atst_features.cli.detect import detect
+from atst_features.cli.tools import convert, score
 from atst_features.encoder import EncoderConfig
 from atst_features.events import Event, decode_events, median_filter, read_events, write_events
 from atst_features.heads import EventHead, weak_pooling

@@ -19,7 +19,7 @@ from conftest import waveform
 L = pytest.importorskip("lightning")
 
 from atst_features import load_model  # noqa: E402
-from atst_features.cli import convert  # noqa: E402
+from atst_features.cli.tools import convert  # noqa: E402
 from atst_features.config import ModelConfig  # noqa: E402
 from atst_features.model import ATSTModel  # noqa: E402
 from atst_features.training import FramePretraining, PretrainingData  # noqa: E402

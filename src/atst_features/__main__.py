@@ -1,6 +1,6 @@
 """``python -m atst_features ...`` is ``atst-embed ...``."""
 
-from .cli import embed
+from .cli.embed import embed
 
 if __name__ == "__main__":
     embed(prog_name="atst-embed")

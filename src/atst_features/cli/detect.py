@@ -1,0 +1,136 @@
+"""``atst-detect``: sound events of a model's event head in each file, as a table, a DESED-style TSV or
+JSON, with a plot per file if asked (spectrogram, probabilities, events)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..audio import SAMPLE_RATE
+from ..errors import InputError
+from .common import CONTEXT, MANIFEST_OPTION, find_items, head_command_options, model_with_head, one_line_errors, result_format
+from .runs import Run
+
+__all__ = ["detect"]
+
+
+def _per_label_option(text: str, cast, name: str):
+    """``"0.5"`` -> 0.5; ``"dog=0.3,*=0.5"`` -> ``{"dog": 0.3, "*": 0.5}``."""
+    if "=" not in text:
+        try:
+            return cast(text)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a number", param_hint=name) from None
+    values = {}
+    for part in text.split(","):
+        label, _, value = part.partition("=")
+        try:
+            values[label.strip()] = cast(value)
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: expected LABEL=NUMBER", param_hint=name) from None
+    return values
+
+
+def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, events, path: Path, title: str) -> None:
+    """Spectrogram, per-class probabilities and detected events of one file, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
+    mel, _ = model.frontend(torch.from_numpy(waveform)[None].to(model.device))
+    seconds = len(waveform) / SAMPLE_RATE
+    labels = list(model.labels)
+    figure, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.2]})
+    axes[0].imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
+    axes[0].set(ylabel="mel bin", title=title)
+    times = (np.arange(len(probabilities)) + 0.5) * model.frame_hop_ms / 1000
+    for c, label in enumerate(labels):
+        axes[1].plot(times, probabilities[:, c].cpu().numpy(), label=label, linewidth=1.2)
+    axes[1].set(ylabel="probability", ylim=(0, 1))
+    axes[1].legend(loc="upper right", fontsize=7, ncol=min(len(labels), 4))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for event in events:
+        row = labels.index(event.label)
+        axes[2].barh(row, event.offset - event.onset, left=event.onset, color=colours[event.label], height=0.7)
+    axes[2].set(yticks=range(len(labels)), yticklabels=labels, xlabel="time (s)", xlim=(0, seconds), ylim=(-0.6, len(labels) - 0.4))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@MANIFEST_OPTION
+@click.option("--model", "model_name", required=True, help="A model with an event head (atst-train sed, then atst-convert).")
+@click.option("--threshold", default="0.5", show_default=True, help="Probability threshold: one value, or LABEL=VALUE,...,*=DEFAULT.")
+@click.option("--median", default="7", show_default=True, help="Median filter length in 40 ms frames: one value, or LABEL=N,...")
+@click.option("--min-gap", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Merge events of a class closer than this (s).")
+@click.option("--min-length", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop events shorter than this (s).")
+@click.option("--hop", type=click.FloatRange(min=0.04, max=10.0), default=5.0, show_default=True,
+              help="Seconds between the starts of overlapping 10 s windows for long audio.")
+@click.option("--format", "fmt", type=click.Choice(["table", "tsv", "json"]), default=None,
+              help="Output format [default: table on the terminal; from the suffix of -o].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save a PNG per file here: spectrogram, probabilities and events.")
+@head_command_options
+@one_line_errors
+def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, overwrite,
+           device, precision, batch_size, num_workers, quiet) -> None:
+    """Detect sound events in audio files with a model that has an event head.
+
+    Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
+    whose median-filtered frame probability reaches the threshold. Audio of any length: 10 s
+    windows every --hop seconds, overlapping probabilities averaged.
+    Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
+    """
+    from ..events import decode_events, write_events
+
+    threshold = _per_label_option(threshold, float, "--threshold")
+    median = _per_label_option(median, int, "--median")
+    fmt = result_format(output, fmt, overwrite, ("tsv", "json"))
+    items, special = find_items(inputs, manifest)
+    model = model_with_head(model_name, device, precision, "frame")
+    decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
+                               threshold=threshold, median=median, min_gap=min_gap, min_length=min_length)
+    decode(np.zeros((1, len(model.labels))))  # checks per-label values against the model's labels
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(len(items), quiet or (fmt != "table" and output is None), verb="processed", special=special)
+    events = []
+    for item, result in run.decoded(items, num_workers):
+        try:
+            strong, _, _ = model.get_event_probabilities(result, hop_seconds=hop, batch_size=batch_size)
+            found = decode(strong[0].cpu().numpy(), filename=str(item.relative))
+            if plot_dir is not None:
+                _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
+        except Exception as error:
+            run.error(item, error)
+            continue
+        run.succeeded(len(result) / SAMPLE_RATE)
+        if fmt == "table" and output is None:
+            with tqdm.external_write_mode(file=sys.stderr):
+                click.echo(f"{item.relative}: {len(found)} event{'s' if len(found) != 1 else ''}")
+                for e in found:
+                    click.echo(f"  {e.onset:8.2f} {e.offset:8.2f}  {e.label:<20} {e.score:.2f}")
+        events.extend(found)
+    run.bar.close()
+    if fmt == "json":
+        text = json.dumps([e.__dict__ for e in events], indent=2, ensure_ascii=False) + "\n"
+        output.write_text(text, encoding="utf-8") if output is not None else sys.stdout.write(text)
+    elif fmt == "tsv":
+        write_events(events, output if output is not None else sys.stdout)
+    if not quiet:
+        click.echo(run.summary(None) + (f"; wrote {output}" if output else ""), err=True)
+    if run.failed:
+        sys.exit(1)

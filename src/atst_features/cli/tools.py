@@ -1,0 +1,155 @@
+"""The model tools: ``atst-convert`` (checkpoint to a verified model folder, optionally pushed to the
+Hub), ``atst-export`` (ONNX), ``atst-models`` (the registry) and ``atst-score`` (event-based and
+segment-based F1 of detected events)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+
+from ..hub import push_to_hub
+from ..outputs import temporary_beside
+from ..registry import list_models
+from .common import CONTEXT, one_line_errors
+
+__all__ = ["convert", "export", "models", "score"]
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--push-to-hub", "repo_id", metavar="REPO_ID", help="Upload the folder to this Hub repository (org/name).")
+@click.option("--private", is_flag=True, help="Create the Hub repository as private.")
+@click.option("--license", "license_", default="cc-by-4.0", show_default=True, help="Licence written in the model card.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@one_line_errors
+def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, license_: str, overwrite: bool) -> None:
+    """Convert an ATST checkpoint SOURCE into an atst-features folder OUT_DIR.
+
+    SOURCE: an official ATST-Frame / ATST-Clip Lightning checkpoint, the C2F distillation
+    checkpoint, a fine-tuned, ATST-SED or bare encoder state dict. OUT_DIR gets config.json,
+    model.safetensors (inference weights only) and a model card. The converted model's
+    embeddings are checked to equal the source's before success is reported.
+    """
+    from ..convert import convert_checkpoint
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise click.UsageError(f"{str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
+    click.echo(f"source  {source} ({source.stat().st_size:,} bytes)")
+    done = convert_checkpoint(source, out_dir, license=license_, overwrite=overwrite)
+    enc = done.model.config.encoder
+    click.echo(f"  sha256 {done.source_sha256}")
+    click.echo(f"  {done.layout}: {enc.embed_dim} wide, {enc.depth} blocks, {enc.n_prompts} prompt tokens")
+    click.echo(f"wrote   {out_dir}: config.json, model.safetensors ({done.weights_bytes:,} bytes, "
+               f"{done.weights_bytes / done.source_bytes:.0%} of the source), README.md")
+    click.echo(f"  sha256 {done.weights_sha256} (model.safetensors)")
+    spec = done.model.head_spec
+    extra = f" and {spec.outputs} ({len(done.model.labels)} classes)" if spec is not None else ""
+    click.echo(f"verified: frame and clip embeddings{extra} of the converted model equal the source's")
+    if repo_id:
+        commit = push_to_hub(out_dir, repo_id, private=private)
+        click.echo(f"pushed  {repo_id} (commit {commit})")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--n-blocks", type=click.IntRange(min=1), default=None,
+              help="Return the last N blocks side by side [default: all of the model's].")
+@click.option("--frontend", is_flag=True, help="Put the log-mel front end in the graph (input: 16 kHz waveforms).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@one_line_errors
+def export(source: str, out: Path, n_blocks: int | None, frontend: bool, overwrite: bool) -> None:
+    """Export a model's encoder as an ONNX graph OUT (dynamic batch and time, one window of up to 10 s).
+
+    SOURCE: anything --model takes (registry name, Hub id, folder, checkpoint file). Inputs: mel
+    [B, n_mels, T] and n_tokens [B], or with --frontend waveform [B, N]; outputs: frames
+    [B, T // 4, n_blocks * D] (and cls for ATST-Clip). With onnxruntime installed, the graph's
+    frame embeddings are checked against PyTorch's on 1 s, 3.7 s and 10 s of audio.
+    """
+    from ..export import check_onnx, export_onnx
+    from ..loading import load_model
+
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = load_model(source, device="cpu")
+    staging = temporary_beside(out)
+    try:
+        export_onnx(model, staging, n_blocks=n_blocks, frontend=frontend)
+        error = check_onnx(model, staging, n_blocks=n_blocks, frontend=frontend)
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    click.echo(f"wrote   {out} ({out.stat().st_size:,} bytes): {'waveform' if frontend else 'mel, n_tokens'} -> frames"
+               + (", cls" if model.config.encoder.cls_token else ""))
+    if error is None:
+        click.echo("not checked: install onnxruntime to compare the graph with PyTorch")
+    else:
+        click.echo(f"checked: onnxruntime's frame embeddings equal PyTorch's within {error:.1e} on 1 s, 3.7 s and 10 s")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def models(as_json: bool) -> None:
+    """List the named models that load_model() and atst-embed --model accept."""
+    entries = list_models()
+    if as_json:
+        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        return
+    header = f"{'name':<23} {'kind':<6} {'size':<6} {'frame':>6} {'clip':>6}  {'comes from':<32} licence"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for entry in entries:
+        if entry.packaged:
+            where = "(ships in the package)"
+        elif entry.download_url and not entry.published:
+            host = urlsplit(entry.download_url).hostname or ""
+            where = "authors' " + ("Google Drive" if host.endswith("google.com") else "Aliyun link" if "aliyun" in host else host)
+        else:
+            where = entry.repo_id
+        click.echo(
+            f"{entry.name:<23} {entry.kind:<6} {entry.size:<6} {entry.frame_embedding_size():>6} "
+            f"{entry.clip_embedding_size():>6}  {where:<32} {entry.license}"
+        )
+    click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
+    click.echo("authors' ...: downloaded from the authors' host and converted once, on first use; then cached.")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("detected", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--collar", type=click.FloatRange(min=0), default=0.2, show_default=True, help="Onset collar (s) of the event-based F1.")
+@click.option("--offset-share", type=click.FloatRange(min=0), default=0.2, show_default=True,
+              help="Offset collar: max(collar, this share of the reference event's length).")
+@click.option("--segment", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Segment length (s) of the segment-based F1.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the scores here.")
+@one_line_errors
+def score(reference: Path, detected: Path, collar: float, offset_share: float, segment: float, json_path) -> None:
+    """Score DETECTED events against REFERENCE events (DESED-style TSV files: filename, onset,
+    offset, event_label): event-based and segment-based F1, micro and macro, per class, with the
+    definitions of sed_eval (which it equals)."""
+    from ..events import read_events
+    from ..scoring import event_based, segment_based
+
+    truth, found = read_events(reference), read_events(detected)
+    if not truth:
+        raise click.ClickException(f"{str(reference)!r} holds no events")
+    results = {"event_based": event_based(truth, found, collar=collar, offset_share=offset_share),
+               "segment_based": segment_based(truth, found, segment=segment)}
+    click.echo(f"{len(truth)} reference events in {len({e.filename for e in truth})} files, {len(found)} detected")
+    click.echo(f"event-based (onset collar {collar:g} s, offset max({collar:g} s, {offset_share:.0%})): "
+               f"F1 micro {results['event_based'].micro_f1:.3f}, macro {results['event_based'].macro_f1:.3f}")
+    click.echo(f"segment-based ({segment:g} s segments): "
+               f"F1 micro {results['segment_based'].micro_f1:.3f}, macro {results['segment_based'].macro_f1:.3f}")
+    click.echo(f"\n{'class':<20} {'event F1':>8} {'P':>6} {'R':>6} {'segment F1':>10}")
+    for label, counts in results["event_based"].per_class.items():
+        seg = results["segment_based"].per_class[label]
+        click.echo(f"{label:<20} {counts.f1:>8.3f} {counts.precision:>6.3f} {counts.recall:>6.3f} {seg.f1:>10.3f}")
+    if json_path is not None:
+        payload = {name: scores.to_dict() for name, scores in results.items()}
+        payload["settings"] = {"collar": collar, "offset_share": offset_share, "segment": segment}
+        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
