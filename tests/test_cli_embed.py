@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -60,7 +61,9 @@ def test_formats_and_levels(tmp_path, clip_small_ckpt, clip_small):
     frames, stamps = clip_small.get_frame_embeddings(path)
     out = tmp_path / "out"
     assert run(str(path), "--level", "both", "--format", "npy", "-d", str(out), model=clip_small_ckpt).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.clip.npy", "a.frame.npy", "a.timestamps.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.clip.npy", "a.frame.npy", "a.meta.json", "a.timestamps.npy"]
+    assert json.loads((out / "a.meta.json").read_text()) == {"model": str(clip_small_ckpt), "n_blocks": 12,
+                                                             "arrays": ["clip", "frame", "timestamps"]}
     np.testing.assert_allclose(np.load(out / "a.clip.npy"), clip, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.load(out / "a.frame.npy"), frames[0].numpy(), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.load(out / "a.timestamps.npy"), stamps[0].numpy())
@@ -488,3 +491,18 @@ def test_dead_writers_temporaries_are_swept_once_per_folder(tmp_path, monkeypatc
     names = {outputs.temporary_beside(tmp_path / f"{i}.npz").name for i in range(50)}
     assert len(names) == 50 and listings == [tmp_path]
     assert not leftover.exists() and mine.exists()
+
+
+def test_npy_outputs_of_an_input_are_whole_or_absent(tmp_path):
+    """The metadata sidecar is written last; when it cannot be (here a folder stands in its way), the
+    arrays written before it are removed, so a rerun sees the input as not done."""
+    from atst_features.errors import OutputError
+    from atst_features.outputs import output_files, write_outputs
+
+    (tmp_path / "a.meta.json").mkdir()
+    arrays = {"clip": np.ones(3, np.float32), "timestamps": np.arange(2, dtype=np.float32)}
+    with pytest.raises(OutputError, match="a.meta.json"):
+        write_outputs(tmp_path / "a", "npy", arrays, {"model": "m", "n_blocks": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.meta.json"]
+    assert [p.name for p in output_files(tmp_path / "b", "npy", ["clip", "timestamps"])] == \
+        ["b.clip.npy", "b.timestamps.npy", "b.meta.json"]

@@ -18,7 +18,7 @@ from atst_features import load_model, save_pretrained
 from atst_features.cli.detect import detect
 from atst_features.cli.tools import convert, score
 from atst_features.encoder import EncoderConfig
-from atst_features.events import Event, decode_events, median_filter, read_events, write_events
+from atst_features.events import Event, decode_events, median_filter, read_events, read_strong_labels, write_events
 from atst_features.heads import EventHead, weak_pooling
 from atst_features.errors import InputError
 from atst_features.config import ModelConfig
@@ -26,7 +26,7 @@ from atst_features.model import ATSTModel
 from atst_features.scoring import event_based, segment_based
 from atst_features.training.cli import main as train_main
 from atst_features.training.distill import Distillation, distillation_loss
-from atst_features.training.sed import frame_targets, read_strong
+from atst_features.training.sed import frame_targets
 
 RATE = 16000
 _spec = importlib.util.spec_from_file_location("detect_events", Path(__file__).parent.parent / "examples/detect_events.py")
@@ -104,15 +104,15 @@ def test_event_files_round_trip(tmp_path):
 
 
 def test_frame_targets_and_strong_labels(tmp_path):
-    targets = frame_targets([(0.10, 0.30, "b"), (0.41, 0.43, "a")], {"a": 0, "b": 1}, 10)
+    targets = frame_targets([(0.10, 0.30, "b"), (0.41, 0.43, "a")], {"a": 0, "b": 1}, 10, hop=0.04)
     # tokens of 40 ms: b covers [0.10, 0.30): token 2 ([0.08, 0.12)) by half, tokens 3..6 fully, token 7 by half
     assert targets[:, 1].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0]
     assert targets[:, 0].tolist() == [0] * 10  # 20 ms inside token 10: beyond the 10 tokens
-    inside = frame_targets([(0.41, 0.43, "a")], {"a": 0}, 12)
+    inside = frame_targets([(0.41, 0.43, "a")], {"a": 0}, 12, hop=0.04)
     assert inside[:, 0].nonzero().flatten().tolist() == [10]
     (tmp_path / "s.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t0.5\tdog\n")
     with pytest.raises(InputError, match="line 2: need 0 <= onset <= offset"):
-        read_strong(tmp_path / "s.tsv")
+        read_strong_labels(tmp_path / "s.tsv")
 
 
 # ------------------------------------------------------------------------------------------ scoring

@@ -4,7 +4,8 @@ Frame ``i`` of a probability curve covers ``[i * hop, (i + 1) * hop)`` seconds (
 tokens). An event is a run of frames whose (median-filtered) probability is at or above the
 class threshold; runs separated by less than ``min_gap`` are merged, and events shorter than
 ``min_length`` are dropped. The DESED TSV format is ``filename onset offset event_label`` with a
-header; we add a ``score`` column (the mean probability of the event's frames).
+header; we add a ``score`` column (the mean probability of the event's frames). One reader serves
+detections, references and training labels (:func:`read_strong_labels`), with one set of rules.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Event", "decode_events", "median_filter", "per_class", "read_events", "write_events"]
+__all__ = ["Event", "decode_events", "median_filter", "per_class", "read_events", "read_strong_labels", "read_weak_labels",
+           "write_events"]
 
 
 @dataclass(frozen=True)
@@ -119,27 +121,52 @@ def write_events(events: list[Event], path_or_stream, *, score: bool = True) -> 
         write(path_or_stream)
 
 
-def read_events(path: str | os.PathLike) -> list[Event]:
-    """Read a DESED-style TSV (``filename onset offset event_label`` [``score``], header required);
-    rows without an event (empty onset, as DESED writes clips without events) are skipped."""
-    path = Path(path)
+def _tsv_rows(path: Path, header: list[str], what: str) -> list[tuple[int, list[str]]]:
+    """``(line number, cells)`` of the non-blank rows of a UTF-8 TSV file that starts with ``header``."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{str(path)!r}: cannot read the event list ({error})") from None
+        raise InputError(f"{str(path)!r}: cannot read the {what} ({error})") from None
     rows = list(csv.reader(lines, delimiter="\t"))
-    if not rows or [cell.strip() for cell in rows[0][:4]] != ["filename", "onset", "offset", "event_label"]:
-        raise InputError(f"{str(path)!r}: expected a TSV header 'filename onset offset event_label'")
-    events = []
-    for number, row in enumerate(rows[1:], start=2):
-        if not row or len(row) < 4 or not row[1].strip():
+    if not rows or [cell.strip() for cell in rows[0][: len(header)]] != header:
+        raise InputError(f"{str(path)!r}: expected a TSV header {' '.join(header)!r}")
+    return [(number, row) for number, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
+
+
+def read_strong_labels(path: str | os.PathLike) -> dict[str, list[Event]]:
+    """The events of a DESED-style TSV (``filename onset offset event_label`` [``score``], header
+    required) by file, in file order; a row with an empty onset lists a file without events (as
+    DESED writes them), which maps to ``[]``. :class:`InputError` names the line of a row whose
+    times are not numbers with ``0 <= onset <= offset``, or whose label is empty."""
+    path = Path(path)
+    events: dict[str, list[Event]] = {}
+    for number, row in _tsv_rows(path, ["filename", "onset", "offset", "event_label"], "event list"):
+        row = row + [""] * (5 - len(row))
+        found = events.setdefault(row[0].strip(), [])
+        if not row[1].strip():
             continue
         try:
             onset, offset = float(row[1]), float(row[2])
-            score = float(row[4]) if len(row) > 4 and row[4].strip() else 1.0
+            score = float(row[4]) if row[4].strip() else 1.0
         except ValueError:
             raise InputError(f"{str(path)!r} line {number}: onset, offset and score must be numbers, got {row[1:5]}") from None
-        if offset < onset:
-            raise InputError(f"{str(path)!r} line {number}: offset {offset} is before onset {onset}")
-        events.append(Event(row[0].strip(), onset, offset, row[3].strip(), score))
+        if not 0 <= onset <= offset:
+            raise InputError(f"{str(path)!r} line {number}: need 0 <= onset <= offset, got {onset}, {offset}")
+        if not row[3].strip():
+            raise InputError(f"{str(path)!r} line {number}: empty event_label")
+        found.append(Event(row[0].strip(), onset, offset, row[3].strip(), score))
     return events
+
+
+def read_events(path: str | os.PathLike) -> list[Event]:
+    """Every event of a DESED-style TSV (see :func:`read_strong_labels`), in file order."""
+    return [event for events in read_strong_labels(path).values() for event in events]
+
+
+def read_weak_labels(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``{filename: [label, ...]}`` of a weak-label TSV (``filename event_labels``, labels separated by commas)."""
+    labels = {}
+    for _, row in _tsv_rows(Path(path), ["filename", "event_labels"], "label file"):
+        cell = row[1] if len(row) > 1 else ""
+        labels[row[0].strip()] = [label.strip() for label in cell.split(",") if label.strip()]
+    return labels

@@ -102,8 +102,7 @@ def export_onnx(model: ATSTModel, path: str | os.PathLike, *, n_blocks: int | No
     batch = torch.export.Dim("batch", min=1, max=4096)
     config = model.config
     if frontend:
-        longest = config.encoder.max_tokens * config.encoder.patch_frames * config.frontend.hop_length  # 160 000: 10 s
-        samples = torch.export.Dim("samples", min=config.frontend.n_fft // 2 + 1, max=longest)
+        samples = torch.export.Dim("samples", min=config.frontend.n_fft // 2 + 1, max=model.window_samples)
         example = (torch.zeros(2, 48_000),)
         dynamic = ({0: batch, 1: samples},)
         names, outputs = ["waveform"], ["frames"]

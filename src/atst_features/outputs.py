@@ -1,5 +1,8 @@
 """Writing embedding files atomically: npz, npy or pt, in memory or streamed for long audio.
 
+Each output form is one :class:`Writer` of :data:`WRITERS` (the files it writes for an input, and
+how); a new form is one entry there.
+
 Every file is written to a hidden temporary file in its own folder (``.atst-<digest>-<pid>-<random>.partial``:
 short, whatever the output's name, and unique, so concurrent runs never share one) and renamed
 into place when complete, so a visible output is always whole, even while another process writes
@@ -12,41 +15,35 @@ Layout (``<base>`` is the output path without suffix):
 - ``npz``: ``<base>.npz`` with ``clip [E]``, ``frame [T, D]``, ``timestamps [T]`` (as the level
   asks), ``model`` (str) and ``n_blocks`` (int).
 - ``pt``: ``<base>.pt``, a dict of the same keys (torch tensors), read with ``torch.load``.
-- ``npy``: one array per file: ``<base>.clip.npy``, ``<base>.frame.npy``, ``<base>.timestamps.npy``.
+- ``npy``: one array per file: ``<base>.clip.npy``, ``<base>.frame.npy``, ``<base>.timestamps.npy``,
+  and ``<base>.meta.json`` with the same metadata (``model``, ``n_blocks``), written last: an input
+  whose files are not all there is written again by the next run, and a failed write removes the
+  input's files written before it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import secrets
 import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import OutputError
 
-__all__ = ["FORMATS", "KEYS", "FrameStream", "output_files", "write_outputs"]
+__all__ = ["FORMATS", "KEYS", "WRITERS", "FrameStream", "Writer", "output_files", "write_outputs"]
 
-FORMATS = ("npz", "npy", "pt")
 KEYS = ("clip", "frame", "timestamps")
-
-
-def _npy_path(base: Path, key: str) -> Path:
-    return base.with_name(f"{base.name}.{key}.npy")
-
-
-def output_files(base: Path, fmt: str, keys: list[str]) -> list[Path]:
-    """The files written for one input: one for npz / pt, one per array for npy."""
-    if fmt == "npy":
-        return [_npy_path(base, key) for key in KEYS if key in keys]
-    return [base.with_name(f"{base.name}.{fmt}")]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,47 +184,94 @@ class FrameStream:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Writer:
+    """One output form: ``files(base, keys)``, the files it writes for an input whose arrays are
+    ``keys``; ``write(base, arrays, metadata, frames)`` writes them (``arrays``: float32 numpy
+    arrays by key; ``frames``: a finished :class:`FrameStream` holding the frame embeddings instead,
+    never loaded whole where the form allows) and returns them."""
+
+    files: Callable[[Path, list[str]], list[Path]]
+    write: Callable[[Path, dict, dict, "FrameStream | None"], list[Path]]
+
+
+def _one_file(suffix: str) -> Callable[[Path, list[str]], list[Path]]:
+    return lambda base, keys: [base.with_name(f"{base.name}.{suffix}")]
+
+
+def _npy_files(base: Path, keys: list[str]) -> list[Path]:
+    arrays = [base.with_name(f"{base.name}.{key}.npy") for key in KEYS if key in keys]
+    return arrays + [base.with_name(f"{base.name}.meta.json")]
+
+
+def _write_npz(base: Path, arrays: dict, metadata: dict, frames: FrameStream | None) -> list[Path]:
+    """An uncompressed npz, as ``np.savez`` writes it, with the streamed frames copied from disk."""
+    (path,) = _one_file("npz")(base, list(arrays))
+    with _atomic(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        if frames is not None:
+            archive.write(frames.path, arcname="frame.npy")
+        for key, value in {**arrays, **{k: np.asarray(v) for k, v in metadata.items()}}.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, value, allow_pickle=False)
+    return [path]
+
+
+def _write_pt(base: Path, arrays: dict, metadata: dict, frames: FrameStream | None) -> list[Path]:
+    (path,) = _one_file("pt")(base, list(arrays))
+    tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+    if frames is not None:
+        tensors["frame"] = torch.from_numpy(np.load(frames.path))
+    with _atomic(path) as temporary:
+        _torch_save({**tensors, **metadata}, temporary)
+    return [path]
+
+
+def _write_npy(base: Path, arrays: dict, metadata: dict, frames: FrameStream | None) -> list[Path]:
+    """One ``.npy`` per array, then the metadata sidecar; a failure removes what this call wrote."""
+    keys = [key for key in KEYS if key in arrays or (key == "frame" and frames is not None)]
+    *array_paths, sidecar = _npy_files(base, keys)
+    written = []
+    try:
+        for key, path in zip(keys, array_paths):
+            if key in arrays:
+                with _atomic(path) as temporary, open(temporary, "wb") as handle:
+                    np.save(handle, arrays[key])
+            else:
+                with _explained_write_errors(path):
+                    os.replace(frames.path, path)
+            written.append(path)
+        with _atomic(sidecar) as temporary:
+            temporary.write_text(json.dumps({**metadata, "arrays": keys}) + "\n", encoding="utf-8")
+        written.append(sidecar)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+WRITERS: dict[str, Writer] = {
+    "npz": Writer(_one_file("npz"), _write_npz),
+    "npy": Writer(_npy_files, _write_npy),
+    "pt": Writer(_one_file("pt"), _write_pt),
+}
+FORMATS = tuple(WRITERS)
+
+
+def output_files(base: Path, fmt: str, keys: list[str]) -> list[Path]:
+    """The files written for one input whose arrays are ``keys``, in format ``fmt``."""
+    return WRITERS[fmt].files(base, keys)
+
+
 def write_outputs(base: Path, fmt: str, arrays: dict, metadata: dict, frames: FrameStream | None = None) -> list[Path]:
-    """Write one input's arrays (``clip``, ``frame``, ``timestamps``) in format ``fmt``; returns the files.
+    """Write one input's arrays (``clip``, ``frame``, ``timestamps``) in format ``fmt``, with
+    ``metadata`` (``model``, ``n_blocks``); returns the files.
 
     ``frames``: a finished :class:`FrameStream` holding the frame embeddings; it is renamed (npy)
     or copied in chunks (npz) into the output, never loaded whole (except for pt).
     """
-    arrays = {key: _as_numpy(value) for key, value in arrays.items()}
-    written = []
     try:
-        if fmt == "npy":
-            for key in KEYS:
-                path = _npy_path(base, key)
-                if key in arrays:
-                    with _atomic(path) as temporary, open(temporary, "wb") as handle:
-                        np.save(handle, arrays[key])
-                elif key == "frame" and frames is not None:
-                    os.replace(frames.path, path)
-                else:
-                    continue
-                written.append(path)
-            return written
-        (path,) = output_files(base, fmt, list(arrays))
-        with _atomic(path) as temporary:
-            if fmt == "npz":
-                _write_npz(temporary, arrays, {k: np.asarray(v) for k, v in metadata.items()}, frames)
-            else:
-                tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
-                if frames is not None:
-                    tensors["frame"] = torch.from_numpy(np.load(frames.path))
-                _torch_save({**tensors, **metadata}, temporary)
-        return [path]
+        return WRITERS[fmt].write(base, {key: _as_numpy(value) for key, value in arrays.items()}, metadata, frames)
     finally:
         if frames is not None:
             frames.discard()
-
-
-def _write_npz(path: Path, arrays: dict, metadata: dict, frames: FrameStream | None) -> None:
-    """An uncompressed npz, as ``np.savez`` writes it, with the streamed frames copied from disk."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        if frames is not None:
-            archive.write(frames.path, arcname="frame.npy")
-        for key, value in {**arrays, **metadata}.items():
-            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, value, allow_pickle=False)

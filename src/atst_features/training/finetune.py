@@ -96,7 +96,8 @@ class FineTuning(SupervisedTraining):
         self.save_hyperparameters()
         self.model = model_from_source(init, labels, multi_label=multi_label, drop_path_rate=drop_path_rate,
                                        kind=self.model_kind)
-        self.mixup = LabelMixup(mixup_alpha, mixup_memory, int(crop_seconds * 100) + 1, mixup_ratio) if mixup else None
+        crop_frames = self.model.frontend.n_frames(round(crop_seconds * self.model.sample_rate))  # what the bank keeps per clip
+        self.mixup = LabelMixup(mixup_alpha, mixup_memory, crop_frames, mixup_ratio) if mixup else None
         self.crop = RandomResizeCrop() if (mixup if resize_crop is None else resize_crop) else None
         self._outputs: dict[str, list] = {}
 

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..frontend import FrontendConfig, LogMelFrontend
 from .augment import Mixup, RandomResizeCrop, span_masks
 from .objective import (
+    FINAL_LR,
     Branch,
     cosine_schedule,
     cross_view_loss,
@@ -37,7 +38,6 @@ from .objective import (
 
 __all__ = ["ATSTPretraining", "ClipPretraining", "FramePretraining"]
 
-FINAL_LR = 1e-6
 WEIGHT_DECAY = (0.04, 0.4)  # cosine from the first to the second value over the run
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..encoder import ATSTEncoder, EncoderConfig
 
 __all__ = [
+    "FINAL_LR",
     "Branch",
     "byol_loss",
     "cross_view_loss",
@@ -22,6 +23,8 @@ __all__ = [
     "output_std",
     "parameter_groups",
 ]
+
+FINAL_LR = 1e-6  # where every learning-rate schedule of the reference ends
 
 
 def mlp_head(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequential:

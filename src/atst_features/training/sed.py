@@ -2,9 +2,10 @@
 
 Data (:class:`EventData`): an audio folder with a strong-label TSV in the DESED format
 (``filename onset offset event_label``) and/or a weak-label TSV (``filename event_labels``, labels
-separated by commas). Each clip gives its first ``clip_seconds`` (10 s, one encoder window); a
-strong clip gets per-token targets (a 40 ms token is active when an event covers at least half of
-it, or lies within it), a weak clip clip-level targets.
+separated by commas), read by :mod:`atst_features.events`. Each clip gives its first
+``clip_seconds`` (10 s, one encoder window); a strong clip gets per-token targets (a token, 40 ms
+for the official models, is active when an event covers at least half of it, or lies within it),
+computed from the model's own token spacing, a weak clip clip-level targets.
 
 Model (:class:`SoundEventDetection`): the last block's frame tokens into an
 :class:`~atst_features.heads.EventHead` (strong: per-token sigmoid; weak: attention pooling). Loss:
@@ -18,7 +19,7 @@ whose strong and weak outputs the student also fits, the C2F frame-level loss of
 
 from __future__ import annotations
 
-import csv
+import functools
 import random
 from pathlib import Path
 
@@ -31,68 +32,29 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..audio import SAMPLE_RATE, load_audio
 from ..errors import InputError
+from ..events import read_strong_labels, read_weak_labels
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
-__all__ = ["EventData", "SoundEventDetection", "frame_targets", "read_strong", "read_weak"]
+__all__ = ["EventData", "SoundEventDetection", "frame_targets"]
 
-TOKEN_SECONDS = 0.04
 MODES = ("freeze", "last", "full")
 
 
-def _rows(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{str(path)!r}: cannot read the label file ({error})") from None
-    rows = list(csv.reader(lines, delimiter="\t"))
-    if not rows or [cell.strip() for cell in rows[0][: len(header)]] != header:
-        raise InputError(f"{str(path)!r}: expected a TSV with the header {' '.join(header)!r}")
-    return [(number, row) for number, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
-
-
-def read_strong(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
-    """``{filename: [(onset, offset, label), ...]}`` of a DESED strong-label TSV; a row with an empty
-    onset marks a clip without events."""
-    path, events = Path(path), {}
-    for number, row in _rows(path, ["filename", "onset", "offset", "event_label"]):
-        clip = events.setdefault(row[0].strip(), [])
-        if len(row) < 4 or not row[1].strip():
-            continue
-        try:
-            onset, offset = float(row[1]), float(row[2])
-        except ValueError:
-            raise InputError(f"{str(path)!r} line {number}: onset and offset must be numbers, got {row[1:3]}") from None
-        if not 0 <= onset <= offset:
-            raise InputError(f"{str(path)!r} line {number}: need 0 <= onset <= offset, got {onset}, {offset}")
-        if not row[3].strip():
-            raise InputError(f"{str(path)!r} line {number}: empty event_label")
-        clip.append((onset, offset, row[3].strip()))
-    return events
-
-
-def read_weak(path: str | Path) -> dict[str, list[str]]:
-    """``{filename: [label, ...]}`` of a weak-label TSV (``filename event_labels``, comma-separated)."""
-    path, labels = Path(path), {}
-    for _, row in _rows(path, ["filename", "event_labels"]):
-        cell = row[1] if len(row) > 1 else ""
-        labels[row[0].strip()] = [label.strip() for label in cell.split(",") if label.strip()]
-    return labels
-
-
-def frame_targets(events: list[tuple[float, float, str]], index: dict[str, int], n_tokens: int) -> Tensor:
-    """``[n_tokens, C]`` 0/1 targets: token ``i`` covers ``[0.04 i, 0.04 (i + 1))`` s and is active for
-    an event covering at least half of it, or lying inside it."""
+def frame_targets(events: list[tuple[float, float, str]], index: dict[str, int], n_tokens: int, hop: float) -> Tensor:
+    """``[n_tokens, C]`` 0/1 targets of ``(onset, offset, label)`` events: token ``i`` covers
+    ``[hop i, hop (i + 1))`` s (``hop``: the model's token spacing in seconds) and is active for an
+    event covering at least half of it, or lying inside it."""
     targets = torch.zeros(n_tokens, len(index))
-    starts = torch.arange(n_tokens, dtype=torch.float64) * TOKEN_SECONDS
+    starts = torch.arange(n_tokens, dtype=torch.float64) * hop
     for onset, offset, label in events:
-        overlap = torch.clamp(starts + TOKEN_SECONDS, max=offset) - torch.clamp(starts, min=onset)
-        inside = (starts <= onset) & (offset <= starts + TOKEN_SECONDS) & (offset > onset)
-        targets[(overlap >= TOKEN_SECONDS / 2 - 1e-9) | inside, index[label]] = 1.0
+        overlap = torch.clamp(starts + hop, max=offset) - torch.clamp(starts, min=onset)
+        inside = (starts <= onset) & (offset <= starts + hop) & (offset > onset)
+        targets[(overlap >= hop / 2 - 1e-9) | inside, index[label]] = 1.0
     return targets
 
 
 class _EventClips(Dataset):
-    """``(waveform [N], strong targets [T, C] or None, weak targets [C] or None)`` per clip."""
+    """``(waveform [N], strong events as (onset, offset, label) or None, weak targets [C] or None)`` per clip."""
 
     def __init__(self, root: Path, clips: list[tuple[str, list | None, list | None]], index: dict[str, int],
                  clip_seconds: float) -> None:
@@ -106,28 +68,21 @@ class _EventClips(Dataset):
         name, strong, weak = self.clips[item]
         waveform, _ = load_audio(self.root / name, SAMPLE_RATE)
         waveform = torch.from_numpy(np.ascontiguousarray(waveform[: self.samples]))
-        n_tokens = max(1, (1 + len(waveform) // 160) // 4)
-        strong_targets = frame_targets(strong, self.index, n_tokens) if strong is not None else None
         weak_targets = None
         if weak is not None:
             weak_targets = torch.zeros(len(self.index))
             weak_targets[[self.index[label] for label in weak]] = 1.0
-        return waveform, strong_targets, weak_targets
+        events = None if strong is None else [(event.onset, event.offset, event.label) for event in strong]
+        return waveform, events, weak_targets
 
 
-def _collate(batch):
-    """``(waveforms [B, N], n_samples [B], strong [B, T, C], is_strong [B], weak [B, C], is_weak [B])``."""
+def _collate(batch, classes: int):
+    """``(waveforms [B, N], n_samples [B], strong events per clip (None: no strong labels), weak [B, C],
+    is_weak [B])``; the strong targets follow from the events and the model's tokens (:func:`frame_targets`)."""
     waves, strong, weak = zip(*batch)
-    classes = next(t.shape[-1] for t in (*strong, *weak) if t is not None)
-    tokens = max(max(1, (1 + len(w) // 160) // 4) for w in waves)
-    strong_targets = torch.zeros(len(batch), tokens, classes)
-    for row, target in enumerate(strong):
-        if target is not None:
-            strong_targets[row, : len(target)] = target
     weak_targets = torch.stack([t if t is not None else torch.zeros(classes) for t in weak])
     return (torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True), torch.tensor([len(w) for w in waves]),
-            strong_targets, torch.tensor([t is not None for t in strong]), weak_targets,
-            torch.tensor([t is not None for t in weak]))
+            list(strong), weak_targets, torch.tensor([t is not None for t in weak]))
 
 
 class EventData(L.LightningDataModule):
@@ -168,14 +123,14 @@ class EventData(L.LightningDataModule):
             random.Random(seed).shuffle(shuffled)
             held = max(1, round(len(shuffled) * valid_share))
             valid, train = shuffled[:held], shuffled[held:]
-        labels = {label for _, s, w in train + valid for label in ([e[2] for e in s] if s else []) + (w or [])}
+        labels = {label for _, s, w in train + valid for label in ([e.label for e in s] if s else []) + (w or [])}
         self.label_names: list[str] = sorted(labels)
         self.multi_label = True
         self.splits = {"train": train, "valid": valid}
 
     def _clips(self, strong: str | None, weak: str | None) -> list[tuple[str, list | None, list | None]]:
-        strong_labels = read_strong(strong) if strong else {}
-        weak_labels = read_weak(weak) if weak else {}
+        strong_labels = read_strong_labels(strong) if strong else {}
+        weak_labels = read_weak_labels(weak) if weak else {}
         clips = []
         for name in sorted(set(strong_labels) | set(weak_labels)):
             if not (self.root / name).is_file():
@@ -188,7 +143,7 @@ class EventData(L.LightningDataModule):
         index = {label: i for i, label in enumerate(self.label_names)}
         dataset = _EventClips(self.root, self.splits[name], index, self.clip_seconds)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_collate, persistent_workers=self.num_workers > 0)
+                          collate_fn=functools.partial(_collate, classes=len(index)), persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -277,11 +232,16 @@ class SoundEventDetection(SupervisedTraining):
 
     def _labelled(self, strong, weak, n_tokens, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The labelled parts of a batch: ``(strong outputs, strong targets)`` over the valid tokens of
-        strongly labelled clips, ``(weak outputs, weak targets)`` of weakly labelled ones."""
-        _, _, strong_targets, is_strong, weak_targets, is_weak = batch
-        width = min(strong.shape[1], strong_targets.shape[1])
+        strongly labelled clips, ``(weak outputs, weak targets)`` of weakly labelled ones. Strong
+        targets come from each clip's events on the model's own tokens."""
+        _, _, events, weak_targets, is_weak = batch
+        index = {label: i for i, label in enumerate(self.hparams.labels)}
+        hop = self.model.frame_hop_ms / 1000
+        width = strong.shape[1]
+        strong_targets = torch.stack([frame_targets(clip or [], index, width, hop) for clip in events]).to(strong.device)
+        is_strong = torch.tensor([clip is not None for clip in events], device=strong.device)
         valid = self._token_mask(n_tokens, width) & is_strong[:, None]
-        return strong[:, :width][valid], strong_targets[:, :width][valid], weak[is_weak], weak_targets[is_weak]
+        return strong[valid], strong_targets[valid], weak[is_weak], weak_targets[is_weak]
 
     @staticmethod
     def _supervised(strong, strong_targets, weak, weak_targets) -> Tensor:

@@ -17,11 +17,10 @@ from torch import Tensor
 from ..errors import InputError
 from ..config import ModelConfig
 from ..model import ATSTModel
-from .objective import cosine_schedule
+from .objective import FINAL_LR, cosine_schedule
 
-__all__ = ["FINAL_LR", "MOMENTUM", "SupervisedTraining", "layerwise_groups", "model_from_source"]
+__all__ = ["MOMENTUM", "SupervisedTraining", "layerwise_groups", "model_from_source"]
 
-FINAL_LR = 1e-6
 MOMENTUM = 0.9
 
 
