@@ -8,8 +8,7 @@ from .loading import load_model
 from .model import ATSTModel
 from .pretrained import save_pretrained
 from .registry import PretrainedModel, list_models
-
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 __all__ = [
     *_errors.__all__,

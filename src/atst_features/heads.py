@@ -149,21 +149,7 @@ class HeadSpec:
         return self.optional_norm and "norm.running_mean" in weights
 
 
-HEADS: dict[str, HeadSpec] = {
-    spec.kind: spec
-    for spec in (
-        HeadSpec(
-            kind="clip",
-            level="clip",
-            build=lambda size, classes, norm: LinearHead(size, classes),
-            marker="linear.weight",
-            optional_norm=False,
-            title="tagging head",
-            outputs="tag logits",
-            command="atst-tag",
-            how_to_get="fine-tune one with atst-train finetune and export it with atst-convert, or use a C2F checkpoint",
-            predict=lambda model, audio: model.get_tag_logits(audio),
-            card="""
+_TAGGING_CARD = """
 ## Tagging
 
 A linear head of {classes} classes{shown}; probabilities by {activation}:
@@ -173,20 +159,9 @@ probabilities = model.get_tag_probabilities("audio.wav")   # [1, {classes}], in 
 ```
 
 From the shell: `atst-tag audio.wav --model path/to/this/folder -k 5`.
-""",
-        ),
-        HeadSpec(
-            kind="events",
-            level="frame",
-            build=lambda size, classes, norm: EventHead(size, classes, norm=norm),
-            marker="strong.weight",
-            optional_norm=True,
-            title="event head",
-            outputs="event probabilities",
-            command="atst-detect",
-            how_to_get="train one with atst-train sed and export it with atst-convert",
-            predict=lambda model, audio: model.get_event_probabilities(audio)[0][0],
-            card="""
+"""
+
+_DETECTION_CARD = """
 ## Sound event detection
 
 An event head of {classes} classes{shown}: per 40 ms token, a sigmoid
@@ -197,8 +172,19 @@ strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {c
 ```
 
 From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
-""",
-        ),
+"""
+
+HEADS: dict[str, HeadSpec] = {
+    spec.kind: spec
+    for spec in (
+        HeadSpec("clip", "clip", lambda size, classes, norm: LinearHead(size, classes), marker="linear.weight",
+                 optional_norm=False, title="tagging head", outputs="tag logits", command="atst-tag",
+                 how_to_get="fine-tune one with atst-train finetune and export it with atst-convert, or use a C2F checkpoint",
+                 predict=lambda model, audio: model.get_tag_logits(audio), card=_TAGGING_CARD),
+        HeadSpec("events", "frame", lambda size, classes, norm: EventHead(size, classes, norm=norm), marker="strong.weight",
+                 optional_norm=True, title="event head", outputs="event probabilities", command="atst-detect",
+                 how_to_get="train one with atst-train sed and export it with atst-convert",
+                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_DETECTION_CARD),
     )
 }
 

@@ -24,6 +24,7 @@ from .card import model_card
 from .config import ModelConfig
 from .model import ATSTModel
 from .registry import ATST_CITATION
+from .version import __version__
 
 __all__ = ["read_pretrained", "save_pretrained"]
 
@@ -39,8 +40,6 @@ def save_pretrained(
     ``provenance``: where the weights come from (e.g. ``source_file``, ``source_sha256``; default:
     ``model.provenance``); stored in ``config.json`` together with the package version.
     """
-    from . import __version__
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     provenance = dict(provenance or model.provenance, atst_features_version=__version__)
