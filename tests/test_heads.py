@@ -36,7 +36,7 @@ class TwoLayerHead(nn.Module):
 @pytest.fixture
 def mlp_head(monkeypatch):
     spec = HeadSpec("mlp", "clip", lambda size, classes, norm: TwoLayerHead(size, classes), marker="out.weight",
-                    optional_norm=False, title="two-layer tagging head", outputs="two-layer logits", command="atst-tag",
+                    optional_norm=False, title="two-layer tagging head", outputs="two-layer logits",
                     how_to_get="train one", predict=lambda model, audio: model.get_tag_logits(audio),
                     card="\n## Two-layer head\n\n{classes} classes{shown}.\n")
     monkeypatch.setitem(HEADS, "mlp", spec)

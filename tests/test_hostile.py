@@ -361,3 +361,43 @@ def test_a_model_that_computes_non_finite_values_returns_and_writes_nothing(tmp_
     assert result.exit_code == 1 and len(lines) == 2 and all("NaN or Inf" in line for line in lines)
     assert "a.wav" in lines[0] + lines[1] and "b.wav" in lines[0] + lines[1] and "Traceback" not in result.output
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_only_the_files_that_give_nan_fail_and_the_others_of_their_batch_are_written(tmp_path, monkeypatch):
+    """One clip whose outputs are NaN (here: made so for loud input) fails alone, in one line; the
+    files batched with it are embedded (atst-embed) or tagged (atst-tag) as if it were not there."""
+    import soundfile
+
+    from atst_features.cli.tag import tag
+    from atst_features.encoder import ATSTEncoder
+
+    torch.manual_seed(0)
+    encoder = EncoderConfig(cls_token=False, embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64)
+    folder = save_pretrained(ATSTModel(ModelConfig("frame", encoder, num_classes=2, labels=("a", "b"))), tmp_path / "m")
+    rng = np.random.default_rng(0)
+    for name, scale in (("q1.wav", 0.1), ("loud.wav", 1e5), ("q2.wav", 0.1)):
+        soundfile.write(tmp_path / name, (scale * rng.standard_normal(24000)).astype(np.float32), 16000, subtype="FLOAT")
+    quiet = {name: load_model(folder, device="cpu").get_clip_embedding(str(tmp_path / name))[0] for name in ("q1.wav", "q2.wav")}
+
+    original = ATSTEncoder.forward
+
+    def nan_for_loud_input(self, mel, n_tokens=None, n_blocks=1, token_mask=None):
+        out = original(self, mel, n_tokens, n_blocks, token_mask)
+        loud = mel.flatten(1).amax(dim=1) > 2.0  # normalised dB far above the official range's top (1)
+        for tokens in out.tokens:
+            tokens[loud] = float("nan")
+        return out
+
+    monkeypatch.setattr(ATSTEncoder, "forward", nan_for_loud_input)
+    files = [str(tmp_path / name) for name in ("q1.wav", "loud.wav", "q2.wav")]
+    result = CliRunner().invoke(embed, [*files, "--model", str(folder), "-d", str(tmp_path / "out"), "-q", "--num-workers", "0"])
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1 and "loud.wav" in lines[0] and "NaN or Inf for this file" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q1.npz", "q2.npz"]
+    for name, clip in quiet.items():
+        assert torch.allclose(torch.from_numpy(np.load(tmp_path / "out" / name.replace(".wav", ".npz"))["clip"]), clip, atol=1e-5)
+
+    result = CliRunner().invoke(tag, [*files, "--model", str(folder), "--format", "csv", "--per-window", "--num-workers", "0"])
+    assert result.exit_code == 1 and "loud.wav" in result.output and "NaN or Inf for this file" in result.output
+    tagged = {line.split(",")[0] for line in result.output.splitlines() if line.endswith(tuple("0123456789"))}
+    assert tagged == {files[0], files[2]}

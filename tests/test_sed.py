@@ -26,7 +26,7 @@ from atst_features.model import ATSTModel
 from atst_features.scoring import event_based, segment_based
 from atst_features.training.cli import main as train_main
 from atst_features.training.distill import Distillation, distillation_loss
-from atst_features.training.sed import frame_targets
+from atst_features.training.sed import event_targets, frame_targets
 
 RATE = 16000
 _spec = importlib.util.spec_from_file_location("detect_events", Path(__file__).parent.parent / "examples/detect_events.py")
@@ -110,6 +110,10 @@ def test_frame_targets_and_strong_labels(tmp_path):
     assert targets[:, 0].tolist() == [0] * 10  # 20 ms inside token 10: beyond the 10 tokens
     inside = frame_targets([(0.41, 0.43, "a")], {"a": 0}, 12, hop=0.04)
     assert inside[:, 0].nonzero().flatten().tolist() == [10]
+    batch = event_targets([[(0.10, 0.30, "b")], None, [(0.41, 0.43, "a")]], {"a": 0, "b": 1}, 10, hop=0.04)
+    assert torch.equal(batch[0], frame_targets([(0.10, 0.30, "b")], {"a": 0, "b": 1}, 10, hop=0.04))
+    assert not batch[1].any() and not batch[2].any()  # a clip without strong labels; an event beyond 10 tokens
+    assert event_targets([[(0.10, 0.30, "b")]], {"a": 0, "b": 1}, 5, hop=0.08)[0, :, 1].tolist() == [0, 1, 1, 1, 0]
     (tmp_path / "s.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t0.5\tdog\n")
     with pytest.raises(InputError, match="line 2: need 0 <= onset <= offset"):
         read_strong_labels(tmp_path / "s.tsv")

@@ -51,7 +51,7 @@ ENCODER_PREFIXES = (
     "",  # bare encoder state dict
 )
 WRAPPER_PREFIXES = ("module.", "backbone.")
-# Where a tagging head (LinearHead: norm.*, linear.*) sits next to the encoder.
+# Where a head (a kind of heads.HEADS) sits next to the encoder.
 HEAD_PREFIXES = {"model.student.": "model.linear.", "encoder.encoder.": "head.", "model.encoder.": "model.head."}
 
 # Globals that genuine files may hold besides tensors. The legacy pretraining format stores its
@@ -69,7 +69,7 @@ _RENAMES = (
 
 @dataclass
 class CheckpointContents:
-    """What a checkpoint holds for inference: architecture, encoder weights, optional tagging head."""
+    """What a checkpoint holds for inference: architecture, encoder weights, optional head."""
 
     config: ModelConfig
     encoder_state: dict[str, Tensor]
@@ -259,7 +259,7 @@ def check_state_dict(state: dict[str, Tensor | tuple], expected: dict[str, Tenso
 def parse_state_dict(
     state_dict: dict[str, Tensor], hyper_parameters: dict | None = None, name: str = "state dict"
 ) -> CheckpointContents:
-    """Locate the encoder (and tagging head) in a flat state dict and infer the model configuration."""
+    """Locate the encoder (and head) in a flat state dict and infer the model configuration."""
     hyper = dict(hyper_parameters or {})
     state = {_strip_wrappers(k): v for k, v in state_dict.items()}
     prefix = _find_encoder(state)
@@ -288,10 +288,13 @@ def parse_state_dict(
     if head_prefix is not None:
         head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
     if head_state is not None:
+        if any(not isinstance(value, Tensor) for value in head_state.values()):
+            raise CheckpointError(f"{name}: the head under {head_prefix!r} holds values that are not tensors")
         spec = head_of_weights(head_state)
-        if spec is None or not isinstance(head_state[spec.marker], Tensor) or head_state[spec.marker].ndim != 2:
-            markers = " or ".join(f"{s.marker!r} [classes, inputs]" for s in HEADS.values())
-            raise CheckpointError(f"{name}: the head under {head_prefix!r} has no {markers}")
+        if spec is None or head_state[spec.marker].ndim != 2:
+            markers = ", ".join(repr(s.marker) for s in HEADS.values())
+            raise CheckpointError(f"{name}: the head under {head_prefix!r} needs exactly one of {markers} "
+                                  "(a [classes, inputs] matrix)")
         head_type, num_classes, head_norm = spec.kind, spec.classes_in(head_state), spec.norm_in(head_state)
         check_state_dict(head_state, _expected_state(lambda: spec.new(config, num_classes, head_norm)), name, spec.title)
         check_tensors(head_state, name)

@@ -3,7 +3,7 @@
 A model folder's ``config.json`` is untrusted input: :meth:`ModelConfig.from_dict` checks the type
 of every field, and every config, however made, is checked for consistency, so a config that can be
 made gives a model that embeds (the front end's mel bins are the encoder's, its hop a whole number
-of milliseconds, the head one the encoder can carry).
+of milliseconds, the head a kind of :data:`~atst_features.heads.HEADS` with only the options it has).
 """
 
 from __future__ import annotations

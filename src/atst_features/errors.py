@@ -62,11 +62,11 @@ class OutputError(ATSTError, OSError):
 class NonFiniteError(ATSTError, ValueError):
     """A model that computed NaN or Inf for some audio (an overflowing 16-bit precision, or weights
     too large to compute with): such embeddings are never returned or written. ``items``: the
-    indices of the audio in the call that gave them."""
+    indices of the audio in the call that gave them; ``cause``: the likely reason and the fix."""
 
-    def __init__(self, message: str, items: tuple[int, ...] = ()) -> None:
+    def __init__(self, message: str, items: tuple[int, ...] = (), cause: str = "") -> None:
         super().__init__(message)
-        self.items = items
+        self.items, self.cause = items, cause
 
 
 class ModelNotFoundError(ATSTError, FileNotFoundError):

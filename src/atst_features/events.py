@@ -133,17 +133,14 @@ def _tsv_rows(path: Path, header: list[str], what: str) -> list[tuple[int, list[
     return [(number, row) for number, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
 
 
-def read_strong_labels(path: str | os.PathLike) -> dict[str, list[Event]]:
-    """The events of a DESED-style TSV (``filename onset offset event_label`` [``score``], header
-    required) by file, in file order; a row with an empty onset lists a file without events (as
-    DESED writes them), which maps to ``[]``. :class:`InputError` names the line of a row whose
-    times are not numbers with ``0 <= onset <= offset``, or whose label is empty."""
-    path = Path(path)
-    events: dict[str, list[Event]] = {}
+def _event_rows(path: Path) -> list[tuple[str, Event | None]]:
+    """``(filename, event)`` per row of a DESED-style TSV, in file order; None for a row with an empty
+    onset (a file without events)."""
+    rows = []
     for number, row in _tsv_rows(path, ["filename", "onset", "offset", "event_label"], "event list"):
         row = row + [""] * (5 - len(row))
-        found = events.setdefault(row[0].strip(), [])
         if not row[1].strip():
+            rows.append((row[0].strip(), None))
             continue
         try:
             onset, offset = float(row[1]), float(row[2])
@@ -154,13 +151,24 @@ def read_strong_labels(path: str | os.PathLike) -> dict[str, list[Event]]:
             raise InputError(f"{str(path)!r} line {number}: need 0 <= onset <= offset, got {onset}, {offset}")
         if not row[3].strip():
             raise InputError(f"{str(path)!r} line {number}: empty event_label")
-        found.append(Event(row[0].strip(), onset, offset, row[3].strip(), score))
+        rows.append((row[0].strip(), Event(row[0].strip(), onset, offset, row[3].strip(), score)))
+    return rows
+
+
+def read_strong_labels(path: str | os.PathLike) -> dict[str, list[Event]]:
+    """The events of a DESED-style TSV (``filename onset offset event_label`` [``score``], header
+    required) by file; a row with an empty onset lists a file without events (as DESED writes
+    them), which maps to ``[]``. :class:`InputError` names the line of a row whose times are not
+    numbers with ``0 <= onset <= offset``, or whose label is empty."""
+    events: dict[str, list[Event]] = {}
+    for filename, event in _event_rows(Path(path)):
+        events.setdefault(filename, []).extend([event] if event is not None else [])
     return events
 
 
 def read_events(path: str | os.PathLike) -> list[Event]:
-    """Every event of a DESED-style TSV (see :func:`read_strong_labels`), in file order."""
-    return [event for events in read_strong_labels(path).values() for event in events]
+    """Every event of a DESED-style TSV, in the order of its rows (rules: :func:`read_strong_labels`)."""
+    return [event for _, event in _event_rows(Path(path)) if event is not None]
 
 
 def read_weak_labels(path: str | os.PathLike) -> dict[str, list[str]]:

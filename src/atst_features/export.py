@@ -107,7 +107,7 @@ def export_onnx(model: ATSTModel, path: str | os.PathLike, *, n_blocks: int | No
         dynamic = ({0: batch, 1: samples},)
         names, outputs = ["waveform"], ["frames"]
     else:
-        frames = torch.export.Dim("frames", min=config.encoder.patch_frames, max=config.encoder.max_tokens * config.encoder.patch_frames)
+        frames = torch.export.Dim("frames", min=config.encoder.patch_frames, max=model.frame_window)
         example = (torch.zeros(2, config.frontend.n_mels, 300), torch.tensor([75, 60]))
         dynamic = ({0: batch, 2: frames}, {0: batch})
         names, outputs = ["mel", "n_tokens"], ["frames"]

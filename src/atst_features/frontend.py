@@ -175,9 +175,7 @@ class LogMelFrontend(torch.nn.Module):
             )
         window, filters = self._window_and_filters(device)
         waveforms = waveforms.to(torch.float32)
-        gain = self._gain(waveforms)
-        if gain is not None:
-            waveforms = waveforms / gain[:, None]
+        gain = self._gain(waveforms)  # applied per block below: no scaled copy of a long input
 
         total_frames = self.n_frames(width)
         mel = torch.empty(batch, cfg.n_mels, total_frames, dtype=torch.float32, device=device)
@@ -186,6 +184,8 @@ class LogMelFrontend(torch.nn.Module):
             segment = self._padded_segment(
                 waveforms, n_samples, first * cfg.hop_length, (last - 1) * cfg.hop_length + cfg.n_fft, shortest == width
             )
+            if gain is not None:
+                segment = segment / gain[:, None]
             spec = torch.stft(
                 segment,
                 n_fft=cfg.n_fft,

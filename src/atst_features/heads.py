@@ -3,7 +3,7 @@
 A spec says what the rest of the package needs to know about one kind of head: the name configs
 use (``head_type``), the module and how it is built from the encoder, what it reads (the last
 block's clip embedding, or its frame tokens), which weight names identify it in a checkpoint, what
-it gives and which command uses it, and its part of the model card. The model, checkpoint reading,
+it gives, and its part of the model card. The model, checkpoint reading,
 conversion, the model card, the commands and the training modules all read :data:`HEADS`, so a new
 kind of head is one entry here and its training module.
 
@@ -118,7 +118,7 @@ class HeadSpec:
     token); ``build(input_size, num_classes, norm)``: a new head; ``marker``: a weight name only this
     kind has (its first dimension is the number of classes); ``optional_norm``: ``norm`` (standardise
     the input) is an option recorded in ``head_norm``, detected from ``norm.running_mean``;
-    ``title``, ``outputs``, ``command`` and ``how_to_get``: words for messages and listings;
+    ``title``, ``outputs`` and ``how_to_get``: words for messages;
     ``predict(model, audio)``: its output on ``audio``, compared when a conversion is verified;
     ``card``: its model card section, a template of ``{classes}``, ``{shown}`` (label names) and
     ``{activation}``.
@@ -131,7 +131,6 @@ class HeadSpec:
     optional_norm: bool
     title: str
     outputs: str
-    command: str
     how_to_get: str
     predict: Callable
     card: str
@@ -178,11 +177,11 @@ HEADS: dict[str, HeadSpec] = {
     spec.kind: spec
     for spec in (
         HeadSpec("clip", "clip", lambda size, classes, norm: LinearHead(size, classes), marker="linear.weight",
-                 optional_norm=False, title="tagging head", outputs="tag logits", command="atst-tag",
+                 optional_norm=False, title="tagging head", outputs="tag logits",
                  how_to_get="fine-tune one with atst-train finetune and export it with atst-convert, or use a C2F checkpoint",
                  predict=lambda model, audio: model.get_tag_logits(audio), card=_TAGGING_CARD),
         HeadSpec("events", "frame", lambda size, classes, norm: EventHead(size, classes, norm=norm), marker="strong.weight",
-                 optional_norm=True, title="event head", outputs="event probabilities", command="atst-detect",
+                 optional_norm=True, title="event head", outputs="event probabilities",
                  how_to_get="train one with atst-train sed and export it with atst-convert",
                  predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_DETECTION_CARD),
     )
@@ -190,5 +189,6 @@ HEADS: dict[str, HeadSpec] = {
 
 
 def head_of_weights(weights: dict[str, Tensor]) -> HeadSpec | None:
-    """The kind of head whose marker weight is among ``weights`` (None if no kind's is)."""
-    return next((spec for spec in HEADS.values() if spec.marker in weights), None)
+    """The one kind of head whose marker weight is among ``weights`` (None if no kind's is, or several are)."""
+    found = [spec for spec in HEADS.values() if spec.marker in weights]
+    return found[0] if len(found) == 1 else None

@@ -123,9 +123,11 @@ class ATSTModel(nn.Module):
     def require_head(self, level: str, name: str | None = None) -> HeadSpec:
         """The model's head spec if it has a head of ``level`` (``"clip"``: tagging, ``"frame"``: event
         detection), else :class:`InputError` naming the model (``name``) and how to get such a head."""
+        wanted = next((spec for spec in HEADS.values() if spec.level == level), None)
+        if wanted is None:
+            raise InputError(f"level must be one of {sorted({spec.level for spec in HEADS.values()})}, got {level!r}")
         spec = self.head_spec
         if spec is None or spec.level != level:
-            wanted = next(s for s in HEADS.values() if s.level == level)
             raise InputError(f"{name or f'this {self.kind} model'} has no {wanted.title}; {wanted.how_to_get}")
         return spec
 
@@ -350,6 +352,11 @@ class ATSTModel(nn.Module):
         samples = max(int(n_samples), self.min_samples)
         return int(self.frontend.n_frames(samples)) // self.config.encoder.patch_frames
 
+    def num_windows(self, n_samples: int) -> int:
+        """Encoder windows of :attr:`frame_window` frames that a clip of ``n_samples`` samples at 16 kHz takes."""
+        frames = int(self.frontend.n_frames(max(int(n_samples), self.min_samples)))
+        return len(plan_windows(frames, self.frame_window, self.frame_window, self.config.encoder.patch_frames))
+
     def _write_frames(self, out: EncoderOutput, n_tokens: list[int], targets: list[Tensor], rows: list[int]) -> None:
         """Write window ``w``'s first ``n_tokens[w]`` tokens into ``targets[w] [R, n_blocks * D]`` from
         row ``rows[w]`` on: blocks side by side, shallow to deep.
@@ -394,7 +401,7 @@ class ATSTModel(nn.Module):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         patch = self.config.encoder.patch_frames
         order = sorted(range(len(waves)), key=lambda i: -waves[i].numel())
-        check = FiniteCheck(len(waves), self.device)
+        check = FiniteCheck()
         for group in self._groups(order, waves, hop, batch_size):
             lengths = [waves[i].numel() for i in group]
             if len(group) == 1:  # no padded copy of a long single input
@@ -431,7 +438,7 @@ class ATSTModel(nn.Module):
             f"audio[{bad[0]}]" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + f" (of {count})")
         fp16 = self.dtype == torch.float16 or (self.precision or "").startswith("fp16")
         cause = "float16 overflowed: use bf16 or fp32" if fp16 else "the weights are damaged or too large to compute with"
-        raise NonFiniteError(f"the model computes NaN or Inf for {which}: {cause}; no embedding is returned", items=bad)
+        raise NonFiniteError(f"the model computes NaN or Inf for {which}: {cause}; no embedding is returned", bad, cause)
 
     def _groups(self, order: list[int], waves: list[Tensor], width: int, batch_size: int) -> Iterator[list[int]]:
         """Consecutive items of ``order`` whose windows add up to about ``batch_size`` (at least one item)."""

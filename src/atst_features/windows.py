@@ -116,19 +116,23 @@ class ChunkPooling:
 
 
 class FiniteCheck:
-    """Which of ``items`` clips got a NaN or Inf from the encoder. A non-finite value anywhere in the
-    residual stream stays non-finite in every later block (and attention spreads it over the
-    window), so the last block's outputs tell for all returned blocks. Flags stay on the device
-    until :meth:`bad_items` reads them: one synchronisation per call, not per batch."""
+    """Which clips got a NaN or Inf from the encoder. A non-finite value anywhere in the residual
+    stream stays non-finite in every later block (and attention spreads it over the window), so the
+    last block's outputs tell for all returned blocks. Each batch's flags stay on the device (no
+    copy to or from it per batch); :meth:`bad_items` reads them all at once: one synchronisation
+    per call."""
 
-    def __init__(self, items: int, device: torch.device) -> None:
-        self.flags = torch.zeros(items, dtype=torch.int32, device=device)
+    def __init__(self) -> None:
+        self.items: list[int] = []
+        self.finite: list[Tensor] = []
 
     def add(self, windows: list[Window], out: EncoderOutput) -> None:
         last = [out.tokens[-1]] + [parts[-1] for parts in (out.cls, out.prompts) if parts]
-        finite = torch.stack([torch.isfinite(t).flatten(1).all(dim=1) for t in last]).all(dim=0)  # [W]
-        items = torch.tensor([w.item for w in windows], device=self.flags.device)
-        self.flags.index_add_(0, items, (~finite).to(torch.int32))
+        self.finite.append(torch.stack([torch.isfinite(t).flatten(1).all(dim=1) for t in last]).all(dim=0))  # [W]
+        self.items.extend(w.item for w in windows)
 
     def bad_items(self) -> tuple[int, ...]:
-        return tuple(self.flags.nonzero().flatten().tolist())
+        if not self.finite:
+            return ()
+        finite = torch.cat(self.finite).tolist()
+        return tuple(sorted({item for item, ok in zip(self.items, finite) if not ok}))

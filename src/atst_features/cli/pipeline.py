@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..audio import SAMPLE_RATE
+from ..errors import NonFiniteError
 from ..inputs import AudioInput
 from ..outputs import FrameStream, write_outputs
 from .runs import Reporter
@@ -65,6 +66,11 @@ def _embed_batch(model, batch, level, n_blocks, batch_size, writer: _WritesBehin
             clips = model.get_clip_embedding(waves, **options)
         else:
             frames, stamps = model.get_frame_embeddings(waves, **options)
+    except NonFiniteError as error:  # only the files whose clips gave NaN or Inf fail; the others run again
+        rest = writer.run.failed_non_finite(batch, set(error.items), error)
+        if rest:
+            _embed_batch(model, rest, level, n_blocks, batch_size, writer)
+        return
     except Exception as error:  # e.g. out of memory: every file of the batch failed
         for item, _ in batch:
             writer.run.error(item, error)
@@ -139,7 +145,7 @@ def embed_items(model, todo: list[AudioInput], run: Reporter, outputs: Outputs, 
             # A pool of several batches' worth of files goes to the model at once: it sorts their
             # windows by length into batches, so short files are padded little.
             pool.append((item, result))
-            windows += 1 + len(result) // model.window_samples
+            windows += model.num_windows(len(result))
             pool_bytes += frame_bytes if level != "clip" else 0
             if windows >= POOL_BATCHES * batch_size or pool_bytes >= STREAM_BYTES:
                 _embed_batch(model, pool, level, n_blocks, batch_size, writer)

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..audio import load_audio
-from ..errors import expected_failure, one_line_message
+from ..errors import NonFiniteError, expected_failure, one_line_message
 from ..inputs import AudioInput
 
 __all__ = ["Reporter", "Run", "decoded", "raise_keyboard_interrupt"]
@@ -69,6 +69,13 @@ class Reporter(ABC):
         if str(item.path) not in message and repr(str(item.path)) not in message:
             message = f"{str(item.path)!r}: {message}"
         self.file_failed(message)
+
+    def failed_non_finite(self, batch: list[tuple[AudioInput, object]], bad: set[int], error: NonFiniteError) -> list:
+        """Report the files of ``batch`` at the indices ``bad`` (whose clips gave NaN or Inf) as failed,
+        one line each; return the others, to run again without them."""
+        for index in sorted(bad):
+            self.error(batch[index][0], NonFiniteError(f"the model computes NaN or Inf for this file: {error.cause}"))
+        return [pair for index, pair in enumerate(batch) if index not in bad]
 
     def decoded(self, items: list[AudioInput], workers: int):
         """``(item, waveform)`` of the files that decode, in order; the others are reported."""

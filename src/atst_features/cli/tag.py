@@ -1,5 +1,5 @@
-"""``atst-tag``: the top labels of a model's tagging head for each file (or each 10 s window), as a
-table, CSV or JSON."""
+"""``atst-tag``: the top labels of a model's tagging head for each file (or each encoder window, 10 s
+for the official models), as a table, CSV or JSON."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE
+from ..errors import NonFiniteError
 from .common import CONTEXT, MANIFEST_OPTION, find_items, head_command_options, model_with_head, one_line_errors, result_format
 from .runs import Run
 
@@ -28,14 +29,20 @@ def _windows(waveform: np.ndarray, window: int | None) -> list[tuple[float, floa
     return [(s / SAMPLE_RATE, min(s + window, len(waveform)) / SAMPLE_RATE, waveform[s : s + window]) for s in starts]
 
 
-def _tag_rows(model, batch, top_k: int, per_window: bool, batch_size: int) -> list[dict]:
+def _pieces(model, batch, per_window: bool) -> list[tuple[int, object, float, float, np.ndarray]]:
+    """``(file's index in batch, item, start s, end s, samples)`` of what is tagged: whole files, or
+    each encoder window (10 s for the official models)."""
     window = model.window_samples if per_window else None
-    pieces = [(item, start, end, piece) for item, waveform in batch for start, end, piece in _windows(waveform, window)]
+    return [(index, item, start, end, piece) for index, (item, waveform) in enumerate(batch)
+            for start, end, piece in _windows(waveform, window)]
+
+
+def _tag_rows(model, pieces, top_k: int, batch_size: int) -> list[dict]:
     probabilities = model.get_tag_probabilities([torch.from_numpy(np.ascontiguousarray(p)) for *_, p in pieces],
                                                 batch_size=batch_size).cpu()
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     rows = []
-    for (item, start, end, _), values, indices in zip(pieces, top.values.tolist(), top.indices.tolist()):
+    for (_, item, start, end, _), values, indices in zip(pieces, top.values.tolist(), top.indices.tolist()):
         for rank, (value, index) in enumerate(zip(values, indices), start=1):
             rows.append({"file": str(item.path), "start": round(start, 3), "end": round(end, 3), "rank": rank,
                          "label": model.labels[index], "probability": round(value, 6)})
@@ -90,14 +97,20 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     rows: list[dict] = []
     batch, windows = [], 0
 
-    def flush() -> None:
+    def flush(chunk) -> None:
+        pieces = _pieces(model, chunk, per_window)
         try:
-            new = _tag_rows(model, batch, top_k, per_window, batch_size)
+            new = _tag_rows(model, pieces, top_k, batch_size)
+        except NonFiniteError as error:  # only the files whose clips gave NaN or Inf fail; the others run again
+            rest = run.failed_non_finite(chunk, {pieces[index][0] for index in error.items}, error)
+            if rest:
+                flush(rest)
+            return
         except Exception as error:
-            for item, _ in batch:
+            for item, _ in chunk:
                 run.error(item, error)
             return
-        for _, waveform in batch:
+        for _, waveform in chunk:
             run.succeeded(len(waveform) / SAMPLE_RATE)
         if fmt == "table" and output is None:
             with tqdm.external_write_mode(file=sys.stderr):
@@ -106,12 +119,12 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
 
     for item, result in run.decoded(items, num_workers):
         batch.append((item, result))
-        windows += 1 + len(result) // model.window_samples
+        windows += model.num_windows(len(result))
         if windows >= batch_size:
-            flush()
+            flush(batch)
             batch, windows = [], 0
     if batch:
-        flush()
+        flush(batch)
     run.bar.close()
     if output is not None:
         with open(output, "w", encoding="utf-8", newline="") as stream:

@@ -58,7 +58,7 @@ def clip_feature(model: ATSTModel, mel: Tensor, n_frames: Tensor) -> Tensor:
 
 class FineTuning(SupervisedTraining):
     """An ATST encoder from ``init`` (any :func:`~atst_features.load_model` source) with a new
-    :class:`~atst_features.model.LinearHead` for ``labels``, trained end to end.
+    :class:`~atst_features.heads.LinearHead` for ``labels``, trained end to end.
 
     ``learning_rate`` is for a global batch of 256 (the peak is scaled by global batch / 256, as
     the reference scales by ``nproc * batch / 256``). ``warmup_steps`` overrides ``warmup_epochs``

@@ -1,6 +1,6 @@
 """The paper's linear evaluation of frozen embeddings (section 7.1 of ``docs/atst-reference.md``).
 
-A :class:`~atst_features.model.LinearHead` (BatchNorm1d without affine parameters, then a Linear
+A :class:`~atst_features.heads.LinearHead` (BatchNorm1d without affine parameters, then a Linear
 layer initialised from N(0, 0.01^2)) trained on fixed embeddings: SGD with momentum 0.9 and no
 weight decay, learning rate ``lr * batch / 256`` (batch 1024), a cosine annealing to 0 stepped per
 epoch, 100 epochs, cross-entropy (single-label) or BCE (multi-label). The epoch with the best

@@ -19,7 +19,6 @@ whose strong and weak outputs the student also fits, the C2F frame-level loss of
 
 from __future__ import annotations
 
-import functools
 import random
 from pathlib import Path
 
@@ -35,30 +34,48 @@ from ..errors import InputError
 from ..events import read_strong_labels, read_weak_labels
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
-__all__ = ["EventData", "SoundEventDetection", "frame_targets"]
+__all__ = ["EventData", "SoundEventDetection", "event_targets", "frame_targets", "weak_targets"]
 
 MODES = ("freeze", "last", "full")
 
 
-def frame_targets(events: list[tuple[float, float, str]], index: dict[str, int], n_tokens: int, hop: float) -> Tensor:
-    """``[n_tokens, C]`` 0/1 targets of ``(onset, offset, label)`` events: token ``i`` covers
-    ``[hop i, hop (i + 1))`` s (``hop``: the model's token spacing in seconds) and is active for an
-    event covering at least half of it, or lying inside it."""
-    targets = torch.zeros(n_tokens, len(index))
+def event_targets(clips: list[list[tuple[float, float, str]] | None], index: dict[str, int], n_tokens: int,
+                  hop: float) -> Tensor:
+    """``[B, n_tokens, C]`` 0/1 targets of each clip's ``(onset, offset, label)`` events (None: no strong
+    labels), every event of the batch at once: token ``i`` covers ``[hop i, hop (i + 1))`` s (``hop``:
+    the model's token spacing in seconds) and is active for an event covering at least half of it,
+    or lying inside it."""
+    targets = torch.zeros(len(clips), n_tokens, len(index))
+    rows = [(row, onset, offset, index[label]) for row, events in enumerate(clips) for onset, offset, label in events or ()]
+    if not rows:
+        return targets
+    row, onset, offset, label = torch.tensor(rows, dtype=torch.float64).T
     starts = torch.arange(n_tokens, dtype=torch.float64) * hop
-    for onset, offset, label in events:
-        overlap = torch.clamp(starts + hop, max=offset) - torch.clamp(starts, min=onset)
-        inside = (starts <= onset) & (offset <= starts + hop) & (offset > onset)
-        targets[(overlap >= hop / 2 - 1e-9) | inside, index[label]] = 1.0
+    overlap = torch.minimum(starts + hop, offset[:, None]) - torch.maximum(starts, onset[:, None])  # [events, tokens]
+    inside = (starts <= onset[:, None]) & (offset[:, None] <= starts + hop) & (offset > onset)[:, None]
+    event, token = ((overlap >= hop / 2 - 1e-9) | inside).nonzero(as_tuple=True)
+    targets[row[event].long(), token, label[event].long()] = 1.0
+    return targets
+
+
+def frame_targets(events: list[tuple[float, float, str]], index: dict[str, int], n_tokens: int, hop: float) -> Tensor:
+    """``[n_tokens, C]``: :func:`event_targets` of one clip."""
+    return event_targets([events], index, n_tokens, hop)[0]
+
+
+def weak_targets(clips: list[list[str] | None], index: dict[str, int]) -> Tensor:
+    """``[B, C]`` multi-hot targets of each clip's labels (None: no weak labels, all 0)."""
+    targets = torch.zeros(len(clips), len(index))
+    for row, labels in enumerate(clips):
+        targets[row, [index[label] for label in labels or ()]] = 1.0
     return targets
 
 
 class _EventClips(Dataset):
-    """``(waveform [N], strong events as (onset, offset, label) or None, weak targets [C] or None)`` per clip."""
+    """``(waveform [N], strong events as (onset, offset, label) or None, weak labels or None)`` per clip."""
 
-    def __init__(self, root: Path, clips: list[tuple[str, list | None, list | None]], index: dict[str, int],
-                 clip_seconds: float) -> None:
-        self.root, self.clips, self.index = root, clips, index
+    def __init__(self, root: Path, clips: list[tuple[str, list | None, list | None]], clip_seconds: float) -> None:
+        self.root, self.clips = root, clips
         self.samples = int(round(clip_seconds * SAMPLE_RATE))
 
     def __len__(self) -> int:
@@ -68,21 +85,16 @@ class _EventClips(Dataset):
         name, strong, weak = self.clips[item]
         waveform, _ = load_audio(self.root / name, SAMPLE_RATE)
         waveform = torch.from_numpy(np.ascontiguousarray(waveform[: self.samples]))
-        weak_targets = None
-        if weak is not None:
-            weak_targets = torch.zeros(len(self.index))
-            weak_targets[[self.index[label] for label in weak]] = 1.0
         events = None if strong is None else [(event.onset, event.offset, event.label) for event in strong]
-        return waveform, events, weak_targets
+        return waveform, events, weak
 
 
-def _collate(batch, classes: int):
-    """``(waveforms [B, N], n_samples [B], strong events per clip (None: no strong labels), weak [B, C],
-    is_weak [B])``; the strong targets follow from the events and the model's tokens (:func:`frame_targets`)."""
+def _collate(batch):
+    """``(waveforms [B, N], n_samples [B], strong events per clip, weak labels per clip)``: the module
+    makes the targets, on the model's tokens and in the order of its labels (:func:`event_targets`)."""
     waves, strong, weak = zip(*batch)
-    weak_targets = torch.stack([t if t is not None else torch.zeros(classes) for t in weak])
     return (torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True), torch.tensor([len(w) for w in waves]),
-            list(strong), weak_targets, torch.tensor([t is not None for t in weak]))
+            list(strong), list(weak))
 
 
 class EventData(L.LightningDataModule):
@@ -140,10 +152,9 @@ class EventData(L.LightningDataModule):
         return clips
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        index = {label: i for i, label in enumerate(self.label_names)}
-        dataset = _EventClips(self.root, self.splits[name], index, self.clip_seconds)
+        dataset = _EventClips(self.root, self.splits[name], self.clip_seconds)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=functools.partial(_collate, classes=len(index)), persistent_workers=self.num_workers > 0)
+                          collate_fn=_collate, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -233,15 +244,15 @@ class SoundEventDetection(SupervisedTraining):
     def _labelled(self, strong, weak, n_tokens, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The labelled parts of a batch: ``(strong outputs, strong targets)`` over the valid tokens of
         strongly labelled clips, ``(weak outputs, weak targets)`` of weakly labelled ones. Strong
-        targets come from each clip's events on the model's own tokens."""
-        _, _, events, weak_targets, is_weak = batch
+        targets come from each clip's events on the model's own tokens; both follow the model's labels."""
+        _, _, events, labels = batch
         index = {label: i for i, label in enumerate(self.hparams.labels)}
-        hop = self.model.frame_hop_ms / 1000
         width = strong.shape[1]
-        strong_targets = torch.stack([frame_targets(clip or [], index, width, hop) for clip in events]).to(strong.device)
+        strong_targets = event_targets(events, index, width, self.model.frame_hop_ms / 1000).to(strong.device)
         is_strong = torch.tensor([clip is not None for clip in events], device=strong.device)
+        is_weak = torch.tensor([clip is not None for clip in labels], device=strong.device)
         valid = self._token_mask(n_tokens, width) & is_strong[:, None]
-        return strong[valid], strong_targets[valid], weak[is_weak], weak_targets[is_weak]
+        return strong[valid], strong_targets[valid], weak[is_weak], weak_targets(labels, index).to(weak.device)[is_weak]
 
     @staticmethod
     def _supervised(strong, strong_targets, weak, weak_targets) -> Tensor:
