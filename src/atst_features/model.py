@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .audio import SAMPLE_RATE, to_waveforms
 from .config import ModelConfig
 from .encoder import ATSTEncoder, EncoderOutput
-from .errors import InputError, NonFiniteError, SlowPrecisionWarning
+from .errors import InputError, SlowPrecisionWarning
 from .frontend import LogMelFrontend
 from .heads import HEADS, HeadSpec, default_labels, weak_pooling
 from .precision import PRECISIONS, slow_precision_message
@@ -425,20 +425,13 @@ class ATSTModel(nn.Module):
                     output = self.encoder(stacked.to(self.dtype), token_counts, n_blocks)
                 check.add([window for _, window in batch], output)
                 if check_each:
-                    self._refuse_non_finite(check, len(waves))
+                    check.refuse(len(waves), self._computes_in_float16)
                 yield [window for _, window in batch], n_tokens, output
-        self._refuse_non_finite(check, len(waves))
+        check.refuse(len(waves), self._computes_in_float16)
 
-    def _refuse_non_finite(self, check: FiniteCheck, count: int) -> None:
-        """:class:`NonFiniteError` naming the items of ``count`` whose outputs were NaN or Inf, if any."""
-        bad = check.bad_items()
-        if not bad:
-            return
-        which = "this audio" if count == 1 else (
-            f"audio[{bad[0]}]" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + f" (of {count})")
-        fp16 = self.dtype == torch.float16 or (self.precision or "").startswith("fp16")
-        cause = "float16 overflowed: use bf16 or fp32" if fp16 else "the weights are damaged or too large to compute with"
-        raise NonFiniteError(f"the model computes NaN or Inf for {which}: {cause}; no embedding is returned", bad, cause)
+    @property
+    def _computes_in_float16(self) -> bool:
+        return self.dtype == torch.float16 or (self.precision or "").startswith("fp16")
 
     def _groups(self, order: list[int], waves: list[Tensor], width: int, batch_size: int) -> Iterator[list[int]]:
         """Consecutive items of ``order`` whose windows add up to about ``batch_size`` (at least one item)."""

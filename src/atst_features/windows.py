@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .encoder import EncoderOutput
+from .errors import NonFiniteError
 
 __all__ = ["ChunkPooling", "FiniteCheck", "FramePooling", "Window", "masked_token_sums", "plan_windows", "stack_windows"]
 
@@ -136,3 +137,14 @@ class FiniteCheck:
             return ()
         finite = torch.cat(self.finite).tolist()
         return tuple(sorted({item for item, ok in zip(self.items, finite) if not ok}))
+
+    def refuse(self, count: int, float16: bool) -> None:
+        """:class:`NonFiniteError` naming the items (of ``count`` in the call) whose outputs were NaN or
+        Inf, if any; ``float16``: the model computes in float16, the likely cause."""
+        bad = self.bad_items()
+        if not bad:
+            return
+        which = "this audio" if count == 1 else (
+            f"audio[{bad[0]}]" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + f" (of {count})")
+        cause = "float16 overflowed: use bf16 or fp32" if float16 else "the weights are damaged or too large to compute with"
+        raise NonFiniteError(f"the model computes NaN or Inf for {which}: {cause}; no embedding is returned", bad, cause)
