@@ -10,22 +10,41 @@
 
 Micro F1 pools the counts of every class; macro F1 averages the per-class F1 over the classes
 that have both reference and detected events (sed_eval's choice: a class never detected, or absent
-from the reference, is left out of the average rather than counted as 0; ``per_class`` shows it). ``tests/test_events.py`` checks both against sed_eval 0.2.1 when
-it is installed (its dcase_util dependency needs setuptools' ``pkg_resources``, which recent
-setuptools no longer ship, hence this implementation).
+from the reference, is left out of the average rather than counted as 0; ``per_class`` shows it).
+``tests/test_sed.py`` checks both against sed_eval 0.2.1 when it is installed (its dcase_util
+dependency needs setuptools' ``pkg_resources``, which recent setuptools no longer ship, hence this
+implementation).
+
+- **PSDS** (polyphonic sound detection score, Bilen et al., ICASSP 2020) is not computed here but by
+  ``sed_scores_eval`` (Ebbers, Haeb-Umbach, Serizel, ICASSP 2022; the ``psds`` extra), exactly, from
+  frame score tables: one TSV per audio file (``onset offset <class> ...``, a row per frame, the
+  format ``sed_scores_eval.io.read_sed_scores`` reads), written by ``atst-detect --scores DIR``
+  (:func:`write_score_table`). :data:`PSDS_SCENARIOS` holds the DCASE 2021-2024 task 4 settings.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .events import Event
 
-__all__ = ["Counts", "DetectionScores", "event_based", "segment_based"]
+__all__ = ["PSDS_SCENARIOS", "Counts", "DetectionScores", "event_based", "psds", "read_score_tables", "segment_based",
+           "write_score_table"]
+
+# The DCASE 2021-2024 task 4 scenarios (the baselines' settings), both up to 100 false positives per hour.
+PSDS_SCENARIOS = {
+    "PSDS1": dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0),
+    "PSDS2": dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5, alpha_st=1.0, max_efpr=100.0),
+}
 
 
 @dataclass
@@ -145,3 +164,100 @@ def segment_based(reference: list[Event], detected: list[Event], *, segment: flo
             tp = int((ref_roll[:, c] & det_roll[:, c]).sum())
             scores.per_class[label].add(tp, int(det_roll[:, c].sum()) - tp, int(ref_roll[:, c].sum()) - tp)
     return scores
+
+
+# ---------------------------------------------------------------------------------------------- PSDS
+def write_score_table(path: str | os.PathLike, probabilities: np.ndarray, labels, hop: float, duration: float) -> None:
+    """One file's frame scores as ``sed_scores_eval`` reads them: a TSV with the header ``onset offset
+    <labels...>`` and a row per frame ``i`` of ``probabilities [T, C]``, covering ``[i hop, (i + 1) hop)``
+    seconds; the last one ends at ``duration`` (the audio's length: PSDS counts false positives per
+    hour of it), also where the frames stop a few milliseconds short of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = np.asarray(probabilities, dtype=np.float64)
+    with open(path, "w", encoding="utf-8", newline="") as stream:
+        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
+        writer.writerow(["onset", "offset", *labels])
+        for index, row in enumerate(rows):
+            onset = index * hop
+            offset = duration if index == len(rows) - 1 else min((index + 1) * hop, duration)
+            if offset > onset:
+                writer.writerow([f"{onset:.6f}", f"{offset:.6f}", *(f"{value:.6f}" for value in row)])
+
+
+def read_score_tables(folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The score tables under ``folder`` (searched recursively): ``{file id: (frame edges [T + 1] in s,
+    scores [T, C], labels)}``, the id being the path below ``folder`` without ``.tsv`` (as a reference
+    file name without its audio suffix)."""
+    folder = Path(folder)
+    tables = {}
+    for path in sorted(folder.rglob("*.tsv")):
+        name = str(path.relative_to(folder).with_suffix(""))
+        try:
+            rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t"))
+            header, values = rows[0], np.array(rows[1:], dtype=np.float64)
+        except (OSError, UnicodeDecodeError, ValueError, IndexError) as error:
+            raise InputError(f"{str(path)!r}: not a score table ({str(error)[:80]}); write them with atst-detect --scores") from None
+        if header[:2] != ["onset", "offset"] or values.ndim != 2 or len(values) == 0 or values.shape[1] != len(header):
+            raise InputError(f"{str(path)!r}: expected a header 'onset offset <classes>' and a row of numbers per frame")
+        tables[name] = (np.append(values[:, 0], values[-1, 1]), values[:, 2:], header[2:])
+    if not tables:
+        raise InputError(f"{str(folder)!r} holds no score tables (*.tsv); write them with atst-detect --scores {folder}")
+    return tables
+
+
+def _check_scorer() -> None:
+    """:class:`InputError` unless a working ``sed_scores_eval`` is installed: version 0.0.4 (the newest
+    on PyPI) fails under pandas 3, whose arrays are read-only (fixed upstream, not released)."""
+    from importlib import metadata
+
+    try:
+        scorer, pandas = metadata.version("sed_scores_eval"), metadata.version("pandas")
+    except metadata.PackageNotFoundError:
+        raise InputError("PSDS needs sed_scores_eval: pip install 'atst-features[psds]'") from None
+    if scorer in ("0.0.3", "0.0.4") and int(pandas.split(".")[0]) >= 3:
+        raise InputError(f"sed_scores_eval {scorer} fails with pandas {pandas}: pip install 'pandas<3'")
+
+
+def _file_id(filename: str) -> str:
+    """A reference file name as a score table's id: without its audio suffix."""
+    return filename.rsplit(".", 1)[0] if "." in Path(filename).name else filename
+
+
+def psds(reference: dict[str, list[Event]], tables: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
+         scenario: str = "PSDS1") -> tuple[float, dict[str, float]]:
+    """PSDS of a :data:`PSDS_SCENARIOS` scenario and its per-class values, computed by ``sed_scores_eval``
+    from ``tables`` (:func:`read_score_tables`) against ``reference`` events (by file name, as
+    :func:`~atst_features.events.read_strong_labels` gives them). As the DCASE baselines, the files
+    scored are the reference's files with events; each needs a table (other tables are left out).
+    Durations are the tables' last offsets."""
+    _check_scorer()
+    with warnings.catch_warnings():  # its sed_eval -> dcase_util imports warn about setuptools' pkg_resources
+        warnings.simplefilter("ignore")
+        from sed_scores_eval.base_modules.scores import create_score_dataframe
+        from sed_scores_eval.intersection_based import psds as exact_psds
+
+    truth = {_file_id(name): events for name, events in reference.items() if events}
+    if not truth:
+        raise InputError("the reference holds no events to score")
+    missing = sorted(set(truth) - set(tables))
+    if missing:
+        raise InputError(f"no score table for {len(missing)} reference file(s), e.g. {missing[0]!r}: score the files the "
+                         "reference lists (atst-detect --scores)")
+    labels = next(iter(tables.values()))[2]
+    unknown = sorted({e.label for events in truth.values() for e in events} - set(labels))
+    if unknown or any(table[2] != labels for table in tables.values()):
+        raise InputError(f"the score tables' classes {labels[:5]}... must be the same in every table and include the "
+                         f"reference's; not there: {unknown[:5]}")
+    tables = {name: tables[name] for name in truth}
+    ground_truth = {name: [(e.onset, e.offset, e.label) for e in events] for name, events in truth.items()}
+    for name, events in ground_truth.items():
+        for label in labels:
+            spans = sorted((onset, offset) for onset, offset, event_label in events if event_label == label)
+            if any(later[0] <= earlier[1] for earlier, later in zip(spans, spans[1:])):
+                raise InputError(f"the reference has overlapping or touching {label!r} events in {name!r}; merge them")
+    scores = {name: create_score_dataframe(values, edges, labels) for name, (edges, values, _) in tables.items()}
+    durations = {name: float(edges[-1]) for name, (edges, _, _) in tables.items()}
+    value, per_class, *_ = exact_psds(scores, ground_truth, durations, unit_of_time="hour",
+                                      **PSDS_SCENARIOS[scenario])
+    return float(value), {label: float(v) for label, v in per_class.items()}

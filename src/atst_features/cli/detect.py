@@ -83,10 +83,13 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save a PNG per file here: spectrogram, probabilities and events.")
+@click.option("--scores", "scores_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write each file's frame scores (the median-filtered probabilities) here, one TSV per file as "
+              "sed_scores_eval reads them: atst-score --scores computes PSDS from them.")
 @head_command_options
 @one_line_errors
-def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, overwrite,
-           device, precision, batch_size, num_workers, quiet) -> None:
+def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, scores_dir,
+           overwrite, device, precision, batch_size, num_workers, quiet) -> None:
     """Detect sound events in audio files with a model that has an event head.
 
     Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
@@ -94,24 +97,34 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     windows every --hop seconds, overlapping probabilities averaged.
     Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
     """
-    from ..events import decode_events, write_events
+    from ..events import decode_events, median_filter, per_class, write_events
+    from ..scoring import write_score_table
 
     threshold = _per_label_option(threshold, float, "--threshold")
     median = _per_label_option(median, int, "--median")
     fmt = result_format(output, fmt, overwrite, ("tsv", "json"))
     items, special = find_items(inputs, manifest)
     model = model_with_head(model_name, device, precision, "frame")
-    decode = functools.partial(decode_events, labels=model.labels, hop=model.frame_hop_ms / 1000,
-                               threshold=threshold, median=median, min_gap=min_gap, min_length=min_length)
-    decode(np.zeros((1, len(model.labels))))  # checks per-label values against the model's labels
+    seconds = model.frame_hop_ms / 1000
+    sizes = per_class(median, model.labels, "median").astype(int)  # checks the labels named against the model's
+    decode = functools.partial(decode_events, labels=model.labels, hop=seconds, threshold=threshold, median=1,
+                               min_gap=min_gap, min_length=min_length)
+    decode(np.zeros((1, len(model.labels))))  # checks per-label thresholds against the model's labels
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
+    tables = {item: scores_dir / item.relative.with_suffix(".tsv") for item in items} if scores_dir is not None else {}
+    existing = [path for path in tables.values() if path.exists()]
+    if existing and not overwrite:
+        raise click.UsageError(f"{str(existing[0])!r} exists ({len(existing)} score tables would be replaced); pass --overwrite")
     run = Run(len(items), quiet or (fmt != "table" and output is None), verb="processed", special=special)
     events = []
     for item, result in run.decoded(items, num_workers):
         try:
             strong, _, _ = model.get_event_probabilities(result, hop_seconds=hop, batch_size=batch_size)
-            found = decode(strong[0].cpu().numpy(), filename=str(item.relative))
+            filtered = median_filter(strong[0].cpu().numpy(), sizes)
+            found = decode(filtered, filename=str(item.relative))
+            if item in tables:
+                write_score_table(tables[item], filtered, model.labels, seconds, len(result) / SAMPLE_RATE)
             if plot_dir is not None:
                 _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
         except Exception as error:

@@ -121,23 +121,52 @@ def models(as_json: bool) -> None:
 
 @click.command(context_settings=CONTEXT)
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("detected", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("detected", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--scores", "scores_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Frame score tables (atst-detect --scores DIR): also compute PSDS1 and PSDS2 with the DCASE "
+              "2021-2024 settings, with sed_scores_eval (the psds extra).")
 @click.option("--collar", type=click.FloatRange(min=0), default=0.2, show_default=True, help="Onset collar (s) of the event-based F1.")
 @click.option("--offset-share", type=click.FloatRange(min=0), default=0.2, show_default=True,
               help="Offset collar: max(collar, this share of the reference event's length).")
 @click.option("--segment", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Segment length (s) of the segment-based F1.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the scores here.")
 @one_line_errors
-def score(reference: Path, detected: Path, collar: float, offset_share: float, segment: float, json_path) -> None:
-    """Score DETECTED events against REFERENCE events (DESED-style TSV files: filename, onset,
-    offset, event_label): event-based and segment-based F1, micro and macro, per class, with the
-    definitions of sed_eval (which it equals)."""
-    from ..events import read_events
-    from ..scoring import event_based, segment_based
+def score(reference: Path, detected: Path | None, scores_dir: Path | None, collar: float, offset_share: float, segment: float,
+          json_path) -> None:
+    """Score DETECTED events, and the frame scores in --scores DIR, against REFERENCE events
+    (DESED-style TSV files: filename, onset, offset, event_label): event-based and segment-based
+    F1, micro and macro, per class, with the definitions of sed_eval (which it equals); PSDS1 and
+    PSDS2 with sed_scores_eval."""
+    from ..events import read_events, read_strong_labels
+    from ..scoring import PSDS_SCENARIOS, psds, read_score_tables
 
-    truth, found = read_events(reference), read_events(detected)
+    if detected is None and scores_dir is None:
+        raise click.UsageError("give DETECTED events (a TSV) and/or --scores DIR")
+    truth = read_events(reference)
     if not truth:
         raise click.ClickException(f"{str(reference)!r} holds no events")
+    payload: dict = {}
+    if detected is not None:
+        payload.update(_f1_scores(truth, read_events(detected), collar, offset_share, segment))
+    if scores_dir is not None:
+        tables, by_file = read_score_tables(scores_dir), read_strong_labels(reference)
+        payload["psds"] = {}
+        for scenario, settings in PSDS_SCENARIOS.items():
+            value, per_class = psds(by_file, tables, scenario)
+            payload["psds"][scenario] = {"value": value, "per_class": per_class, **settings}
+            click.echo(f"{scenario} {value:.3f} (dtc {settings['dtc_threshold']:g}, gtc {settings['gtc_threshold']:g}"
+                       + (f", cttc {settings['cttc_threshold']:g}" if settings["cttc_threshold"] else "")
+                       + f", alpha_ct {settings['alpha_ct']:g}, alpha_st {settings['alpha_st']:g}; sed_scores_eval, "
+                       f"{len([f for f, events in by_file.items() if events])} files with events)")
+    if json_path is not None:
+        payload["settings"] = {"collar": collar, "offset_share": offset_share, "segment": segment}
+        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _f1_scores(truth, found, collar: float, offset_share: float, segment: float) -> dict:
+    """Print and return the event-based and segment-based F1 of ``found`` against ``truth``."""
+    from ..scoring import event_based, segment_based
+
     results = {"event_based": event_based(truth, found, collar=collar, offset_share=offset_share),
                "segment_based": segment_based(truth, found, segment=segment)}
     click.echo(f"{len(truth)} reference events in {len({e.filename for e in truth})} files, {len(found)} detected")
@@ -149,7 +178,4 @@ def score(reference: Path, detected: Path, collar: float, offset_share: float, s
     for label, counts in results["event_based"].per_class.items():
         seg = results["segment_based"].per_class[label]
         click.echo(f"{label:<20} {counts.f1:>8.3f} {counts.precision:>6.3f} {counts.recall:>6.3f} {seg.f1:>10.3f}")
-    if json_path is not None:
-        payload = {name: scores.to_dict() for name, scores in results.items()}
-        payload["settings"] = {"collar": collar, "offset_share": offset_share, "segment": segment}
-        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return {name: scores.to_dict() for name, scores in results.items()}
