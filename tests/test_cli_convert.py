@@ -109,10 +109,12 @@ def test_models_command():
     assert result.exit_code == 0
     for name in ["atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base", "atst-frame-base-desed"]:
         assert name in result.output
-    assert "atst-frame-mini         frame  mini     1536   1536  (ships in the package)" in result.output
-    assert "atst-frame-base         frame  base     9216   9216  authors' Google Drive" in result.output
-    assert "atst-clip-base          clip   base     9216  18432  authors' Aliyun link" in result.output
-    assert "atst-c2f-base           c2f    base     9216   9216  atst-features/atst-c2f-base" in result.output
+    lines = {line.split()[0]: " ".join(line.split()[1:]) for line in result.output.splitlines() if line.startswith("atst-")}
+    assert lines["atst-frame-mini"] == "frame mini embeddings 1536 1536 (ships in the package) cc-by-sa-4.0"
+    assert lines["atst-frame-base"] == "frame base embeddings 9216 9216 authors' Google Drive cc-by-4.0"
+    assert lines["atst-clip-base"] == "clip base embeddings 9216 18432 authors' Aliyun link cc-by-4.0"
+    assert lines["atst-c2f-base"] == "c2f base embeddings 9216 9216 atst-features/atst-c2f-base cc-by-4.0"
+    assert lines["atst-frame-base-as-strong-447"] == "frame base events (447) 9216 9216 GitHub release mit"
     listed = json.loads(CliRunner().invoke(models, ["--json"]).output)
     assert {entry["name"] for entry in listed} >= {"atst-frame-base", "atst-frame-base-desed"}
 

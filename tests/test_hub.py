@@ -230,8 +230,11 @@ def test_list_models():
     assert DEFAULT_MODEL == "atst-frame-base"
     assert set(models) == {
         "atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base",
-        "atst-frame-base-desed", "atst-frame-mini",
+        "atst-frame-base-desed", "atst-frame-mini", "atst-frame-base-as-strong-447", "atst-frame-base-as-strong",
     }
+    strong = models["atst-frame-base-as-strong-447"]
+    assert strong.head == "strong" and strong.outputs == "events (447)" and strong.detection["windows"] == "audio"
+    assert strong.download_url.startswith("https://github.com/fschmid56/PretrainedSED/releases/download/v0.0.1/")
     assert models["atst-clip-base"].clip_embedding_size(12) == 18432
     assert models["atst-frame-small"].frame_embedding_size(1) == 384
     assert models["atst-c2f-base"].kind == "c2f"

@@ -14,6 +14,7 @@ where present and otherwise from tensor shapes.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
 import re
@@ -46,13 +47,17 @@ ENCODER_PREFIXES = (
     "encoder.encoder.frame_encoder.",  # ATST-SED
     "encoder.encoder.",  # fine-tuned ATST-Clip / ATST-Frame (the reference's FineTuningPLModule)
     "model.encoder.",  # fine-tuned by atst-train finetune
+    "model.atst.",  # PretrainedSED's ATST-Frame (PredictionsWrapper(ATSTWrapper()), a plain state dict)
     "atst_frame.atst.",  # ATST-SED
     "encoder.",  # legacy {"teacher": ...} dicts
     "",  # bare encoder state dict
 )
 WRAPPER_PREFIXES = ("module.", "backbone.")
-# Where a head (a kind of heads.HEADS) sits next to the encoder.
-HEAD_PREFIXES = {"model.student.": "model.linear.", "encoder.encoder.": "head.", "model.encoder.": "model.head."}
+# Where a head (a kind of heads.HEADS) sits next to the encoder, and the prefix its names take in our
+# modules: PretrainedSED's "strong_head.weight" is a StrongHead's "linear.weight" (its weak_head is not
+# used for strong predictions and is left out).
+HEAD_PREFIXES = {"model.student.": ("model.linear.", ""), "encoder.encoder.": ("head.", ""),
+                 "model.encoder.": ("model.head.", ""), "model.atst.": ("strong_head.", "linear.")}
 
 # Globals that genuine files may hold besides tensors. The legacy pretraining format stores its
 # command line as an argparse.Namespace (reference section 4.2), a plain attribute container.
@@ -284,17 +289,18 @@ def parse_state_dict(
     distilled = prefix == "model.student." or (prefix == "model.encoder." and bool(hyper.get("teacher")))
     kind = "c2f" if distilled and not config.cls_token else "clip" if config.cls_token else "frame"
     head_state, num_classes, head_type, head_norm = None, 0, "clip", False
-    head_prefix = HEAD_PREFIXES.get(prefix)
+    head_prefix, ours = HEAD_PREFIXES.get(prefix, (None, ""))
     if head_prefix is not None:
-        head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
+        head_state = {ours + k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
     if head_state is not None:
         if any(not isinstance(value, Tensor) for value in head_state.values()):
             raise CheckpointError(f"{name}: the head under {head_prefix!r} holds values that are not tensors")
-        spec = head_of_weights(head_state)
-        if spec is None or head_state[spec.marker].ndim != 2:
-            markers = ", ".join(repr(s.marker) for s in HEADS.values())
-            raise CheckpointError(f"{name}: the head under {head_prefix!r} needs exactly one of {markers} "
-                                  "(a [classes, inputs] matrix)")
+        spec = head_of_weights(head_state, config)
+        if spec is None:
+            kinds = "; ".join(f"{kind}: {sorted(_expected_state(functools.partial(spec.new, config, 1)))}"
+                              for kind, spec in HEADS.items())
+            raise CheckpointError(f"{name}: the head under {head_prefix!r} has the weights {sorted(head_state)[:6]}, "
+                                  f"those of no kind of head ({kinds})")
         head_type, num_classes, head_norm = spec.kind, spec.classes_in(head_state), spec.norm_in(head_state)
         check_state_dict(head_state, _expected_state(lambda: spec.new(config, num_classes, head_norm)), name, spec.title)
         check_tensors(head_state, name)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .encoder import EncoderConfig
 from .errors import InputError, check_field, check_fields
 from .frontend import FrontendConfig
+from .detection import check_settings
 from .heads import HEADS
 
 __all__ = ["MODEL_KINDS", "ModelConfig"]
@@ -30,7 +31,9 @@ class ModelConfig:
     with one sigmoid per class (probabilities by sigmoid) rather than a softmax; ``head_type``: a
     kind of :data:`~atst_features.heads.HEADS`, ``"clip"`` (a LinearHead on the clip embedding:
     tagging) or ``"events"`` (an EventHead on the last block's frames: sound event detection);
-    ``head_norm``: the head standardises its input (an option of the event head).
+    ``head_norm``: the head standardises its input (an option of the event head); ``detection``: how
+    a frame-level head detects events by default (windows of long audio, hop, median filter,
+    threshold; see :mod:`atst_features.detection`).
     """
 
     kind: str
@@ -41,10 +44,11 @@ class ModelConfig:
     multi_label: bool = True
     head_type: str = "clip"
     head_norm: bool = False
+    detection: dict = field(default_factory=dict)
 
     # (field, type, lowest, highest) of the fields that are not configs themselves.
     RULES = (("kind", str, None, None), ("num_classes", int, 0, 100_000), ("multi_label", bool, None, None),
-             ("head_type", str, None, None), ("head_norm", bool, None, None))
+             ("head_type", str, None, None), ("head_norm", bool, None, None), ("detection", dict, None, None))
 
     def __post_init__(self) -> None:
         check_fields("ModelConfig", self, self.RULES)
@@ -64,6 +68,7 @@ class ModelConfig:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.labels and len(self.labels) != self.num_classes:
             raise InputError(f"{len(self.labels)} label names for a head of {self.num_classes} classes")
+        check_settings(self.detection, self.labels)
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +80,7 @@ class ModelConfig:
             "multi_label": self.multi_label,
             "head_type": self.head_type,
             "head_norm": self.head_norm,
+            "detection": dict(self.detection),
         }
 
     @classmethod
@@ -96,5 +102,6 @@ class ModelConfig:
             frontend = FrontendConfig(**data.get("frontend", {}))
         except TypeError as error:  # a key the config does not have, or lacks
             raise InputError(str(error).replace(".__init__()", "")) from None
-        scalars = {name: data[name] for name in ("kind", "num_classes", "multi_label", "head_type", "head_norm") if name in data}
+        scalars = {name: data[name] for name in ("kind", "num_classes", "multi_label", "head_type", "head_norm", "detection")
+                   if name in data}
         return cls(encoder=encoder, frontend=frontend, labels=tuple(labels), **scalars)

@@ -3,6 +3,7 @@ equal the source checkpoint's, bit for bit. Used by ``atst-convert`` and by the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -64,20 +65,28 @@ def convert_checkpoint(
     provenance: dict | None = None,
     overwrite: bool = False,
     source_sha256: str | None = None,
+    config_overrides: dict | None = None,
 ) -> Conversion:
     """Convert a checkpoint file (any layout :func:`~atst_features.load_model` reads) into a folder in
     our format at ``out_dir``, written beside it first and renamed into place once verified.
 
     ``provenance``: extra fields for ``config.json`` (the source file's name, sha256, layout and
     hyperparameters are always recorded; ``source_sha256``: the file's digest when the caller has it
-    already). :class:`InputError` if ``out_dir`` is not empty and ``overwrite`` is false;
-    :class:`CheckpointError` if the source is not a checkpoint.
+    already). ``config_overrides``: fields of the model's config to set that the checkpoint does not
+    hold (a registry entry's class names and detection settings). :class:`InputError` if ``out_dir``
+    is not empty and ``overwrite`` is false; :class:`CheckpointError` if the source is not a
+    checkpoint, or not one the overrides fit.
     """
     source, out_dir = Path(source), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{str(out_dir)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     source_sha256 = source_sha256 or sha256_of(source)
     contents = read_checkpoint(source)
+    if config_overrides:
+        try:
+            contents.config = dataclasses.replace(contents.config, **config_overrides)
+        except InputError as error:
+            raise CheckpointError(f"{str(source)!r}: {error}") from None
     model = build_model(contents)
     provenance = {
         "source_file": source.name,

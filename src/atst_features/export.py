@@ -64,6 +64,8 @@ class ConvLogMel(nn.Module):
         db = 10.0 * torch.log10(mel.clamp(min=1e-10)) + 20.0 * torch.log10(gain)[:, :, None]
         floor = db.amax(dim=(1, 2), keepdim=True) - cfg.top_db
         db = torch.maximum(db, floor)
+        if cfg.clamp_db is not None:
+            db = db.clamp(*cfg.clamp_db)
         return (db - cfg.db_min) / (cfg.db_max - cfg.db_min) * 2.0 - 1.0
 
 

@@ -22,7 +22,9 @@ __all__ = ["FrontendConfig", "LogMelFrontend", "mel_filterbank"]
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    """Parameters of the log-mel front end (defaults: every official ATST model)."""
+    """Parameters of the log-mel front end (defaults: every official ATST model). ``clamp_db``: a
+    ``(low, high)`` range the dB values are clamped to after the ``top_db`` floor and before
+    min-max scaling, as ATST-SED's and PretrainedSED's front ends do (``(-50, 80)``); None: none."""
 
     sample_rate: int = SAMPLE_RATE
     n_fft: int = 1024
@@ -34,6 +36,7 @@ class FrontendConfig:
     top_db: float = 80.0
     db_min: float = -79.6482
     db_max: float = 50.6842
+    clamp_db: tuple[float, float] | None = None
 
     # (field, type, lowest, highest), as EncoderConfig.RULES.
     RULES = (
@@ -47,6 +50,12 @@ class FrontendConfig:
         check_fields("FrontendConfig", self, self.RULES)
         if self.win_length > self.n_fft or self.f_min >= self.f_max or self.db_min >= self.db_max:
             raise InputError("FrontendConfig needs win_length <= n_fft, f_min < f_max and db_min < db_max")
+        if self.clamp_db is not None:
+            low_high = tuple(self.clamp_db) if isinstance(self.clamp_db, (list, tuple)) else ()
+            if len(low_high) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high) \
+                    or not -1e4 <= low_high[0] < low_high[1] <= 1e4:
+                raise InputError(f"FrontendConfig.clamp_db must be [low, high] in dB with low < high, got {self.clamp_db!r:.60}")
+            object.__setattr__(self, "clamp_db", (float(low_high[0]), float(low_high[1])))
         if self.hop_length * 1000 % self.sample_rate:  # frames and tokens are timed in whole milliseconds
             raise InputError(f"FrontendConfig.hop_length must be a whole number of milliseconds (a multiple of "
                              f"{self.sample_rate // 1000} samples), got {self.hop_length}")
@@ -211,5 +220,7 @@ class LogMelFrontend(torch.nn.Module):
         torch.maximum(db, floor, out=db)
         if shortest < width:  # some item is padded
             torch.where(valid[:, None, :], db, floor.clamp(min=silence), out=db)
+        if cfg.clamp_db is not None:
+            db.clamp_(*cfg.clamp_db)
         normalised = db.sub_(cfg.db_min).div_(cfg.db_max - cfg.db_min).mul_(2.0).sub_(1.0)
         return normalised, n_frames

@@ -10,15 +10,28 @@ kind of head is one entry here and its training module.
 - ``"clip"``: :class:`LinearHead`, the reference's head for linear evaluation, fine-tuning and C2F
   (tagging: ``get_tag_logits``, ``get_tag_probabilities``, ``atst-tag``);
 - ``"events"``: :class:`EventHead`, its strong + weak head for sound event detection
-  (``get_event_probabilities``, ``atst-detect``). A frame-level head maps tokens ``[B, T, D]`` to
-  ``frame_outputs(tokens) -> (probabilities [B, T, C], attention [B, T, C])`` and
-  ``forward(tokens, n_tokens) -> (strong [B, T, C], weak [B, C])``.
+  (``get_event_probabilities``, ``atst-detect``);
+- ``"strong"``: :class:`StrongHead`, a per-token sigmoid Linear only (PretrainedSED's ATST-Frame
+  and audiossl's AudioSet-strong models), whose clip-level probability is the highest frame's.
+
+A frame-level head maps tokens ``[B, T, D]`` to ``frame_outputs(tokens) -> (probabilities [B, T, C],
+weights [B, T, C])``, pools such (possibly window-averaged) outputs into clip-level ones with
+``pool(probabilities, weights) -> [B, C]`` (over the next-to-last axis), and gives
+``forward(tokens, n_tokens) -> (strong [B, T, C], weak [B, C])``, padded tokens left out.
 
 ``data/audioset_labels.csv`` holds ``index, mid, display_name`` for the 527 AudioSet classes in the
 order of Google's ``class_labels_indices.csv`` (the AudioSet ontology, CC BY 4.0,
 https://research.google.com/audioset/), the order of every AudioSet head's outputs, C2F's included.
 Its text was taken from the copy in github.com/srvk/TALNet (where spaces are written as
 underscores) and checked against the copy in github.com/quentin-wang/audioset_classification.
+``data/audioset_strong_447.csv`` holds the 447 AudioSet-strong classes of PretrainedSED's strong
+models in the order of their outputs (its ``data_util/audioset_classes.py``:
+``as_strong_train_classes``, the display names sorted), with the mids of its
+``class_labels_indices_strong.csv``. ``data/audioset_strong_407.csv`` holds the 407 classes of the
+ATST authors' AudioSet-strong model in the order of its outputs: the mids of the ``Labels`` list in
+audiossl's commit e584998 (``Inference_audioset_strong.py``), the order the authors gave for their
+checkpoint in the thread of their pull request 13 (not the sorted order that request first had;
+sha256 of the mids joined by newlines ``31c5aef8...caf81``), named by the same file.
 """
 
 from __future__ import annotations
@@ -33,18 +46,22 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AUDIOSET_CLASSES", "HEADS", "EventHead", "HeadSpec", "LinearHead", "audioset_labels", "default_labels",
-           "head_of_weights", "weak_pooling"]
+__all__ = ["AUDIOSET_CLASSES", "HEADS", "EventHead", "HeadSpec", "LinearHead", "StrongHead", "audioset_labels",
+           "default_labels", "head_of_weights", "label_file", "weak_pooling"]
 
 AUDIOSET_CLASSES = 527
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=None)
+def label_file(name: str) -> tuple[str, ...]:
+    """The ``display_name`` column of ``atst_features/data/<name>.csv`` (``index, mid, display_name``)."""
+    text = resources.files("atst_features").joinpath(f"data/{name}.csv").read_text(encoding="utf-8")
+    return tuple(row["display_name"] for row in csv.DictReader(io.StringIO(text)))
+
+
 def audioset_labels() -> tuple[str, ...]:
     """The 527 AudioSet display names, index 0 ("Speech") to 526 ("Field recording")."""
-    text = resources.files("atst_features").joinpath("data/audioset_labels.csv").read_text(encoding="utf-8")
-    rows = list(csv.DictReader(io.StringIO(text)))
-    return tuple(row["display_name"] for row in rows)
+    return label_file("audioset_labels")
 
 
 def default_labels(num_classes: int, *, audioset: bool) -> tuple[str, ...]:
@@ -94,14 +111,47 @@ class EventHead(nn.Module):
         weights = torch.softmax(self.attention(tokens), dim=-1).clamp(1e-7, 1.0)
         return strong, weights
 
+    def pool(self, strong: Tensor, weights: Tensor) -> Tensor:
+        return weak_pooling(strong, weights)
+
     def forward(self, tokens: Tensor, n_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(strong [B, T, C], weak [B, C])`` probabilities; ``n_tokens [B]`` leaves padded tokens
         out of the weak pooling."""
         strong, weights = self.frame_outputs(tokens)
-        if n_tokens is not None:
-            valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < n_tokens.to(tokens.device)[:, None]
-            weights = weights * valid[..., None]
-        return strong, weak_pooling(strong, weights)
+        return strong, self.pool(strong, weights * _valid_tokens(tokens, n_tokens)[..., None])
+
+
+class StrongHead(nn.Module):
+    """A per-token Linear with sigmoid outputs and nothing else, as PretrainedSED's ``strong_head`` and
+    audiossl's AudioSet-strong ``LinearHead(use_norm=False)``: ``[B, T, D]`` -> ``[B, T, C]``. Its
+    clip-level (weak) probability of a class is the class's highest frame probability. Weights from
+    N(0, 0.01^2), zero bias."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def frame_outputs(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        strong = torch.sigmoid(self.linear(tokens))
+        return strong, torch.ones_like(strong)
+
+    def pool(self, strong: Tensor, weights: Tensor) -> Tensor:
+        """The highest probability over frames whose weight is not 0."""
+        return strong.masked_fill(weights == 0, 0.0).amax(dim=-2)
+
+    def forward(self, tokens: Tensor, n_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        strong, weights = self.frame_outputs(tokens)
+        return strong, self.pool(strong, weights * _valid_tokens(tokens, n_tokens)[..., None])
+
+
+def _valid_tokens(tokens: Tensor, n_tokens: Tensor | None) -> Tensor:
+    """``[B, T]``: 1 for the first ``n_tokens`` tokens of each item (all of them without ``n_tokens``), else 0."""
+    if n_tokens is None:
+        return tokens.new_ones(tokens.shape[:2])
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    return (positions < n_tokens.to(tokens.device)[:, None]).to(tokens.dtype)
 
 
 def weak_pooling(strong: Tensor, weights: Tensor) -> Tensor:
@@ -173,6 +223,20 @@ strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {c
 From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
 """
 
+_STRONG_CARD = """
+## Sound event detection
+
+A frame-level head of {classes} classes{shown}: per 40 ms token, a sigmoid probability per class; a
+class's clip-level probability is its highest frame probability:
+
+```python
+strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {classes}], [T] ms, [{classes}] per clip
+events = model.detect_events("audio.wav")                              # with this model's post-processing
+```
+
+From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
+"""
+
 HEADS: dict[str, HeadSpec] = {
     spec.kind: spec
     for spec in (
@@ -184,11 +248,26 @@ HEADS: dict[str, HeadSpec] = {
                  optional_norm=True, title="event head", outputs="event probabilities",
                  how_to_get="train one with atst-train sed and export it with atst-convert",
                  predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_DETECTION_CARD),
+        HeadSpec("strong", "frame", lambda size, classes, norm: StrongHead(size, classes), marker="linear.weight",
+                 optional_norm=False, title="frame-level head", outputs="event probabilities",
+                 how_to_get="train one with atst-train sed and export it with atst-convert",
+                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_STRONG_CARD),
     )
 }
 
 
-def head_of_weights(weights: dict[str, Tensor]) -> HeadSpec | None:
-    """The one kind of head whose marker weight is among ``weights`` (None if no kind's is, or several are)."""
-    found = [spec for spec in HEADS.values() if spec.marker in weights]
+def head_of_weights(weights: dict[str, Tensor], encoder) -> HeadSpec | None:
+    """The one kind of head whose weight names these are, on ``encoder`` (an
+    :class:`~atst_features.encoder.EncoderConfig`): its marker a ``[classes, inputs]`` matrix and its
+    other names exactly the rest (None if no kind's are, or several kinds' are). Shapes are checked
+    by the caller."""
+    found = []
+    for spec in HEADS.values():
+        marker = weights.get(spec.marker)
+        if not isinstance(marker, Tensor) or marker.ndim != 2:
+            continue
+        with torch.device("meta"):
+            expected = spec.new(encoder, int(marker.shape[0]), spec.norm_in(weights)).state_dict()
+        if set(expected) == set(weights):
+            found.append(spec)
     return found[0] if len(found) == 1 else None

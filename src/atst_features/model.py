@@ -8,6 +8,7 @@ encoder together, in padded batches with key-padding masks, so a batch equals on
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -21,7 +22,7 @@ from .config import ModelConfig
 from .encoder import ATSTEncoder, EncoderOutput
 from .errors import InputError, SlowPrecisionWarning
 from .frontend import LogMelFrontend
-from .heads import HEADS, HeadSpec, default_labels, weak_pooling
+from .heads import HEADS, HeadSpec, default_labels
 from .precision import PRECISIONS, slow_precision_message
 from .windows import ChunkPooling, FiniteCheck, FramePooling, Window, plan_windows, stack_windows
 
@@ -293,37 +294,38 @@ class ATSTModel(nn.Module):
         return logits.sigmoid() if self.config.multi_label else logits.softmax(dim=-1)
 
     def get_event_probabilities(
-        self, audio, *, sample_rate: int | None = None, hop_seconds: float = 5.0, batch_size: int = 32
+        self, audio, *, sample_rate: int | None = None, hop_seconds: float | None = None, batch_size: int = 32
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Sound event probabilities of a model with an event head (``atst-train sed``), per clip:
-        ``(strong [T_i, C] per 40 ms token, timestamps [T_i] in ms, weak [C])``, float32.
+        """Sound event probabilities of a model with a frame-level head, per clip: ``(strong [T_i, C]
+        per 40 ms token, timestamps [T_i] in ms, weak [C])``, float32.
 
         Audio longer than 10 s runs in 10 s windows every ``hop_seconds`` (a multiple of 40 ms, at
-        most 10 s); where windows overlap, token probabilities (and attention weights) are averaged.
-        Up to 10 s it is one pass. The weak output pools the whole clip with the head's attention.
+        most 10 s; default: the model's, else 5), cut from its spectrogram or from the audio as the
+        model's ``config.detection["windows"]`` says (see :mod:`atst_features.detection`); where
+        windows overlap, token probabilities (and attention weights) are averaged. The weak output
+        pools the whole clip as the head does (attention, or the highest frame).
         """
+        from .detection import event_probabilities
+
         self.require_head("frame")
-        patch = self.config.encoder.patch_frames
-        hop = int(round(hop_seconds * 1000 / self.frame_hop_ms)) * patch  # spectrogram frames
-        if not 0 < hop <= self.frame_window:
-            raise InputError(f"hop_seconds must be in (0, {self.frame_window * self._frame_ms / 1000:g}], got {hop_seconds!r}")
         waves, _ = self._prepare(audio, sample_rate)
-        counts = [self.num_frame_embeddings(wave.numel()) for wave in waves]
-        classes = self.config.num_classes
-        sums = [torch.zeros(n, classes, device=self.device) for n in counts]
-        weights = [torch.zeros(n, classes, device=self.device) for n in counts]
-        covered = [torch.zeros(n, 1, device=self.device) for n in counts]
-        with self._inference():
-            for windows, n_tokens, out in self._run_windows(waves, self.frame_window, 1, batch_size, hop=hop):
-                strong, attention = self.head.frame_outputs(out.tokens[0].float())
-                for row, window in enumerate(windows):
-                    first, count = window.first_frame // patch, n_tokens[row]
-                    sums[window.item][first : first + count] += strong[row, :count]
-                    weights[window.item][first : first + count] += attention[row, :count]
-                    covered[window.item][first : first + count] += 1
-        strong = [s / c for s, c in zip(sums, covered)]
-        weak = [weak_pooling(p, w / c) for p, w, c in zip(strong, weights, covered)]
-        return strong, [self._timestamps(n) for n in counts], weak
+        strong, weak = event_probabilities(self, waves, hop_seconds, batch_size)
+        return strong, [self._timestamps(len(p)) for p in strong], weak
+
+    def detect_events(self, audio, *, sample_rate: int | None = None, threshold=None, median=None, min_gap: float = 0.0,
+                      min_length: float = 0.0, hop_seconds: float | None = None, batch_size: int = 32) -> list[list]:
+        """Sound events per clip (:class:`~atst_features.events.Event`: onset and offset in seconds,
+        label, score), sorted by onset: :meth:`get_event_probabilities`, median-filtered (``median``
+        frames, one value or ``{label: value}``), at or above ``threshold``; each left None takes the
+        model's own setting (``config.detection``), else 7 frames and 0.5. ``min_gap`` / ``min_length``
+        (s): merge closer events of a class, drop shorter ones."""
+        from .detection import detect_events
+
+        self.require_head("frame")
+        waves, _ = self._prepare(audio, sample_rate)
+        names = [str(audio)] if isinstance(audio, (str, os.PathLike)) else [""] * len(waves)
+        return detect_events(self, waves, names, hop_seconds=hop_seconds, threshold=threshold, median=median,
+                             min_gap=min_gap, min_length=min_length, batch_size=batch_size)
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:

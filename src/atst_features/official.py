@@ -118,10 +118,14 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
     staging = home / f".{MODEL_FOLDER}.{os.getpid()}"
     try:
         done = convert_checkpoint(named, staging, license=entry.license, overwrite=True, source_sha256=source_sha256,
-                                  provenance={"source_url": entry.download_url, "registry_name": entry.name})
-        if done.model.kind != entry.kind:
+                                  provenance={"source_url": entry.download_url, "registry_name": entry.name},
+                                  config_overrides=entry.config_overrides())
+        held = done.model.config.head_type if done.model.head is not None else None
+        if done.model.kind != entry.kind or held != entry.head:
+            has = f" with a {held!r} head" if held else " with no head" if entry.head else ""
+            wanted = f" with a {entry.head!r} head" if entry.head else ""
             raise DownloadError(
-                f"{entry.download_url}: holds an ATST-{done.model.kind} model, not the {entry.kind} model "
+                f"{entry.download_url}: holds an ATST-{done.model.kind} model{has}, not the {entry.kind} model{wanted} "
                 f"{entry.name!r} names; not used (please report it)"
             )
         if (home / MODEL_FOLDER).exists():

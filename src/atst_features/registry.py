@@ -9,10 +9,11 @@ and their licence and citation. A new named model is one entry in :data:`REGISTR
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .encoder import EncoderConfig
 from .files import WEIGHTS_NAME
+from .heads import HEADS, label_file
 
 __all__ = ["ATST_CITATION", "ATST_SED_CITATION", "DEFAULT_MODEL", "HUB_ORGANISATION", "OFFLINE_MODEL", "PACKAGED_HINT",
            "REGISTRY", "PretrainedModel", "list_models"]
@@ -31,6 +32,14 @@ ATST_CITATION = """@article{li2024atst,
   note    = {arXiv:2306.04186}
 }"""
 
+PRETRAINED_SED_CITATION = """@inproceedings{schmid2025pretrainedsed,
+  title     = {Effective Pre-Training of Audio Transformers for Sound Event Detection},
+  author    = {Schmid, Florian and Morocutti, Tobias and Foscarin, Francesco and Schl{\\"u}ter, Jan and Primus, Paul and Widmer, Gerhard},
+  booktitle = {ICASSP},
+  year      = {2025},
+  note      = {arXiv:2409.09546}
+}"""
+
 ATST_SED_CITATION = """@inproceedings{shao2024atstsed,
   title     = {Fine-tune the pretrained ATST model for sound event detection},
   author    = {Shao, Nian and Li, Xian and Li, Xiaofei},
@@ -47,7 +56,9 @@ class PretrainedModel:
     third-party repository; ``revision`` None means the default branch; ``packaged``: the model folder
     ships inside this package (``atst_features/models/<name>``); ``download_url``: the authors' own
     file, downloaded and converted while the entry is not ``published`` on the Hub (see
-    :mod:`atst_features.official`)."""
+    :mod:`atst_features.official`). A fine-tuned model: ``head``, the kind of head (of
+    :data:`~atst_features.heads.HEADS`) the file holds; ``labels_file``, its class names (a file of
+    ``atst_features/data``), and ``detection``, its post-processing, both given to the converted model."""
 
     name: str
     kind: str
@@ -63,6 +74,9 @@ class PretrainedModel:
     citation: str = ATST_CITATION
     packaged: bool = False
     download_url: str | None = None
+    head: str | None = None
+    labels_file: str | None = None
+    detection: dict = field(default_factory=dict)
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -85,6 +99,22 @@ class PretrainedModel:
         """Size of the clip embedding with ``n_blocks`` (default: all); see
         :meth:`~atst_features.encoder.EncoderConfig.clip_embedding_size`."""
         return self.encoder.clip_embedding_size(n_blocks or self.depth)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return label_file(self.labels_file) if self.labels_file else ()
+
+    @property
+    def outputs(self) -> str:
+        """What the model gives, in a few words: embeddings, or its head's outputs and class count."""
+        if self.head is None:
+            return "embeddings"
+        return f"{'events' if HEADS[self.head].level == 'frame' else 'tags'} ({len(self.labels)})"
+
+    def config_overrides(self) -> dict:
+        """What the converted model's config takes from this entry: class names and detection settings."""
+        overrides = {"labels": self.labels} if self.labels_file else {}
+        return {**overrides, **({"detection": dict(self.detection)} if self.detection else {})}
 
     @property
     def published(self) -> bool:
@@ -175,6 +205,43 @@ REGISTRY: dict[str, PretrainedModel] = {
             source_url="https://huggingface.co/igonzf/ATST-SED",
             description="ATST-Frame base fine-tuned for sound event detection on DESED (ATST-SED)",
             citation=ATST_SED_CITATION,
+        ),
+        PretrainedModel(
+            name="atst-frame-base-as-strong-447",
+            kind="frame",
+            size="base",
+            repo_id=f"{HUB_ORGANISATION}/atst-frame-base-as-strong-447",
+            filename=WEIGHTS_NAME,
+            revision=None,
+            sha256=None,
+            num_bytes=None,
+            license="mit",
+            source_url="https://github.com/fschmid56/PretrainedSED",
+            description="ATST-Frame base fine-tuned on AudioSet-strong by PretrainedSED (Schmid et al., ICASSP 2025): "
+            "frame-level probabilities of 447 classes every 40 ms",
+            citation=PRETRAINED_SED_CITATION,
+            download_url="https://github.com/fschmid56/PretrainedSED/releases/download/v0.0.1/ATST-F_strong_1.pt",
+            head="strong",
+            labels_file="audioset_strong_447",
+            detection={"windows": "audio", "hop_seconds": 10.0, "median": 9, "threshold": 0.5},
+        ),
+        PretrainedModel(
+            name="atst-frame-base-as-strong",
+            kind="frame",
+            size="base",
+            repo_id=f"{HUB_ORGANISATION}/atst-frame-base-as-strong",
+            filename=WEIGHTS_NAME,
+            revision=None,
+            sha256=None,
+            num_bytes=None,
+            license="mit",
+            source_url="https://github.com/Audio-WestlakeU/audiossl/issues/12",
+            description="ATST-Frame base fine-tuned on AudioSet-strong by the ATST authors: frame-level probabilities "
+            "of 407 classes every 40 ms",
+            download_url="https://drive.google.com/uc?export=download&id=1RWjnEnkDb-7fmNlqIcM-MovTnddOzLsh",
+            head="strong",
+            labels_file="audioset_strong_407",
+            detection={"windows": "audio", "hop_seconds": 10.0, "median": 7, "threshold": 0.5},
         ),
         PretrainedModel(
             name=OFFLINE_MODEL,

@@ -72,12 +72,14 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
 @click.argument("inputs", nargs=-1)
 @MANIFEST_OPTION
 @click.option("--model", "model_name", required=True, help="A model with an event head (atst-train sed, then atst-convert).")
-@click.option("--threshold", default="0.5", show_default=True, help="Probability threshold: one value, or LABEL=VALUE,...,*=DEFAULT.")
-@click.option("--median", default="7", show_default=True, help="Median filter length in 40 ms frames: one value, or LABEL=N,...")
+@click.option("--threshold", default=None, help="Probability threshold: one value, or LABEL=VALUE,...,*=DEFAULT "
+              "[default: the model's own, else 0.5].")
+@click.option("--median", default=None, help="Median filter length in 40 ms frames: one value, or LABEL=N,... "
+              "[default: the model's own, else 7].")
 @click.option("--min-gap", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Merge events of a class closer than this (s).")
 @click.option("--min-length", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop events shorter than this (s).")
-@click.option("--hop", type=click.FloatRange(min=0.04, max=10.0), default=5.0, show_default=True,
-              help="Seconds between the starts of overlapping 10 s windows for long audio.")
+@click.option("--hop", type=click.FloatRange(min=0.04, max=10.0), default=None,
+              help="Seconds between the starts of overlapping 10 s windows for long audio [default: the model's own, else 5].")
 @click.option("--format", "fmt", type=click.Choice(["table", "tsv", "json"]), default=None,
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
@@ -97,14 +99,18 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     windows every --hop seconds, overlapping probabilities averaged.
     Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
     """
+    from ..detection import settings
     from ..events import decode_events, median_filter, per_class, write_events
     from ..scoring import write_score_table
 
-    threshold = _per_label_option(threshold, float, "--threshold")
-    median = _per_label_option(median, int, "--median")
+    threshold = _per_label_option(threshold, float, "--threshold") if threshold is not None else None
+    median = _per_label_option(median, int, "--median") if median is not None else None
     fmt = result_format(output, fmt, overwrite, ("tsv", "json"))
     items, special = find_items(inputs, manifest)
     model = model_with_head(model_name, device, precision, "frame")
+    defaults = settings(model)
+    threshold = defaults["threshold"] if threshold is None else threshold
+    median = defaults["median"] if median is None else median
     seconds = model.frame_hop_ms / 1000
     sizes = per_class(median, model.labels, "median").astype(int)  # checks the labels named against the model's
     decode = functools.partial(decode_events, labels=model.labels, hop=seconds, threshold=threshold, median=1,

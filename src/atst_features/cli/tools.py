@@ -100,7 +100,9 @@ def models(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
         return
-    header = f"{'name':<23} {'kind':<6} {'size':<6} {'frame':>6} {'clip':>6}  {'comes from':<32} licence"
+    width = max(len(entry.name) for entry in entries)
+    header = (f"{'name':<{width}} {'kind':<6} {'size':<5} {'outputs':<13} {'frame':>6} {'clip':>6}  {'comes from':<30} "
+              "licence")
     click.echo(header)
     click.echo("-" * len(header))
     for entry in entries:
@@ -108,15 +110,17 @@ def models(as_json: bool) -> None:
             where = "(ships in the package)"
         elif entry.download_url and not entry.published:
             host = urlsplit(entry.download_url).hostname or ""
-            where = "authors' " + ("Google Drive" if host.endswith("google.com") else "Aliyun link" if "aliyun" in host else host)
+            where = ("authors' Google Drive" if host.endswith("google.com") else "authors' Aliyun link" if "aliyun" in host
+                     else "GitHub release" if host == "github.com" else host)
         else:
             where = entry.repo_id
         click.echo(
-            f"{entry.name:<23} {entry.kind:<6} {entry.size:<6} {entry.frame_embedding_size():>6} "
-            f"{entry.clip_embedding_size():>6}  {where:<32} {entry.license}"
+            f"{entry.name:<{width}} {entry.kind:<6} {entry.size:<5} {entry.outputs:<13} {entry.frame_embedding_size():>6} "
+            f"{entry.clip_embedding_size():>6}  {where:<30} {entry.license}"
         )
     click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
-    click.echo("authors' ...: downloaded from the authors' host and converted once, on first use; then cached.")
+    click.echo("outputs: embeddings, or event probabilities (N classes) every 40 ms for atst-detect.")
+    click.echo("authors' ... / GitHub release: downloaded and converted once, on first use; then cached.")
 
 
 @click.command(context_settings=CONTEXT)
