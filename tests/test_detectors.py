@@ -22,7 +22,7 @@ from atst_features.heads import label_file
 from atst_features.registry import REGISTRY
 
 EXPECTED = np.load(DATA / "expected_pretrainedsed_atst_frame_small.npz")
-CASES = {"a_3s": (3.0, 1), "b_10s": (10.0, 3), "c_23s": (23.3, 4)}
+CASES = {"a_3s": (3.0, 1, 1.0), "b_10s": (10.0, 3, 1.0), "c_23s": (23.3, 4, 1.0), "d_4s_quiet": (4.0, 5, 1e-3)}
 NAME = "atst-frame-base-as-strong-447"
 
 
@@ -52,11 +52,12 @@ def detector(checkpoint, tmp_path, monkeypatch):
 
 def test_equal_to_pretrainedsed_inference(detector):
     """10 s chunks cut from the audio, the last zero-padded, each with its own spectrogram: its
-    inference.py's probabilities, within 1e-4, for 3 s, 10 s and 23.3 s."""
+    inference.py's probabilities, within 1e-4, for 3 s, 10 s, 23.3 s and a quiet 4 s (its dB clamp)."""
     assert detector.config.head_type == "strong" and detector.config.num_classes == 12
     assert detector.config.detection == {"windows": "audio", "hop_seconds": 10.0, "median": 9, "threshold": 0.5}
-    for case, (seconds, seed) in CASES.items():
-        strong, stamps, weak = detector.get_event_probabilities(waveform(seconds, seed))
+    assert detector.config.frontend.clamp_db == (-50.0, 80.0)
+    for case, (seconds, seed, gain) in CASES.items():
+        strong, stamps, weak = detector.get_event_probabilities(waveform(seconds, seed) * gain)
         expected = EXPECTED[f"{case}/strong"].T[: len(strong[0])]
         assert len(strong[0]) == (1 + int(round(seconds * 16000)) // 160) // 4
         np.testing.assert_allclose(strong[0].numpy(), expected, atol=1e-4, rtol=0)
@@ -103,3 +104,76 @@ def test_class_names_in_the_order_of_the_outputs():
     assert mids[:2] == ["/m/032s66", "/m/01h3n"] and mids.index("/m/09x0r") == 118  # Speech
     assert label_file("audioset_strong_407")[118] == "Speech" and len(REGISTRY["atst-frame-base-as-strong"].labels) == 407
     assert len(REGISTRY[NAME].labels) == 447
+
+
+# ------------------------------------------------------------------------------------------ ATST-SED
+SED_EXPECTED = np.load(DATA / "expected_atst_sed_small.npz")
+SED_CASES = {"a_4s": (4.0, 1, 1.0), "b_10s": (10.0, 3, 1.0), "c_23s": (23.3, 4, 1.0), "d_4s_quiet": (4.0, 5, 1e-3)}
+
+
+@pytest.fixture
+def atst_sed(tmp_path, monkeypatch):
+    """The registry's ATST-SED, downloaded from a local server holding a small stand-in in the layout of
+    its Lightning checkpoint (student and teacher; the teacher is run)."""
+    path = tmp_path / "Stage2_wo_ext.ckpt"
+    torch.save(recipe_checkpoint("atst_sed_small"), path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with DownloadServer({path.name: path.read_bytes()}) as server:
+        entry = dataclasses.replace(REGISTRY["atst-sed-desed"], download_url=f"{server.url}/direct/{path.name}")
+        monkeypatch.setitem(REGISTRY, "atst-sed-desed", entry)
+        model = load_model("atst-sed-desed", device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return model
+
+
+def _windows_averaged(case: str, n_samples: int) -> np.ndarray:
+    """The reference's window outputs placed on one 64 ms grid (a window starting at sample s begins at
+    frame round(s / 1024)) and averaged where they overlap: ``[frames, classes]``."""
+    frames = (1 + n_samples // 256) // 4
+    sums, counts = np.zeros((frames, 10)), np.zeros((frames, 1))
+    for start, strong in zip(SED_EXPECTED[f"{case}/starts"], SED_EXPECTED[f"{case}/strong"]):
+        first = int(round(start / 1024))
+        count = max(0, min(156, frames - first))
+        sums[first : first + count] += strong.T[:count]
+        counts[first : first + count] += 1
+    return sums / counts
+
+
+def test_atst_sed_equals_its_code(atst_sed):
+    """Its CRNN and ATST front ends, the CNN, fusion, BiGRU and heads of the teacher branch: within 1e-4
+    of its code, for 4 s (one padded window), 10 s, 23.3 s (six windows every 3 s, averaged on the 64 ms
+    grid) and a quiet clip (the dB clamp at -50 decides)."""
+    assert atst_sed.config.head_type == "atst-sed" and atst_sed.labels[0] == "Alarm_bell_ringing"
+    assert atst_sed.config.frontend.clamp_db == (-50.0, 80.0) and atst_sed.config.detection["hop_seconds"] == 3.0
+    for case, (seconds, seed, gain) in SED_CASES.items():
+        audio = waveform(seconds, seed) * gain
+        strong, stamps, weak = atst_sed.get_event_probabilities(audio)
+        expected = _windows_averaged(case, len(audio))
+        assert strong[0].shape == expected.shape
+        np.testing.assert_allclose(strong[0].numpy(), expected, atol=1e-4, rtol=0)
+        assert stamps[0][:2].tolist() == [24.0, 88.0]  # frame centres, 64 ms apart
+    _, _, weak = atst_sed.get_event_probabilities(waveform(10.0, 3))
+    np.testing.assert_allclose(weak[0].numpy(), SED_EXPECTED["b_10s/weak"][0], atol=1e-4, rtol=0)
+
+
+def test_atst_sed_unites_each_windows_decisions(atst_sed):
+    """Its inference.py: each window median-filtered (per class: 6, 20, 7, 4, 7, 6, ... frames) and
+    thresholded on its own, a frame active where any window says so; here without its drift."""
+    from atst_features.events import decode_events, median_filter
+
+    sizes = atst_sed.config.detection["median"]
+    assert atst_sed.config.detection["combine"] == "union" and sizes["Blender"] == 20 and sizes["Dishes"] == 4
+    audio = waveform(23.3, 4)
+    frames = (1 + len(audio) // 256) // 4
+    active = np.zeros((frames, 10), dtype=bool)
+    for start, strong in zip(SED_EXPECTED["c_23s/starts"], SED_EXPECTED["c_23s/strong"]):
+        first = int(round(start / 1024))
+        decided = median_filter(strong.T, [sizes[label] for label in atst_sed.labels]) >= 0.5
+        active[first : first + 156] |= decided[: frames - first]
+    expected = decode_events(active.astype(float), atst_sed.labels, hop=0.064, threshold=0.5)
+    events = atst_sed.detect_events(audio)[0]
+    assert [(e.onset, e.offset, e.label) for e in events] == [(e.onset, e.offset, e.label) for e in expected]
+    assert events and all(0 < e.score <= 1 for e in events)
+    averaged = atst_sed.detect_events(audio, combine="average")[0]
+    assert averaged != events  # the other way to combine windows gives other events here

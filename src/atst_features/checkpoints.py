@@ -42,6 +42,7 @@ __all__ = [
 # Known places of the encoder, most specific first: the C2F student must win over the C2F file's
 # ATST-Clip teacher, and a pretraining teacher over its student.
 ENCODER_PREFIXES = (
+    "sed_teacher.atst_frame.atst.",  # ATST-SED's Lightning checkpoint: the mean teacher, as its inference.py
     "model.student.",  # C2F distillation (FrameAST directly under the student)
     "model.teacher.encoder.",  # ATST-Clip / ATST-Frame pretraining (the EMA teacher)
     "encoder.encoder.frame_encoder.",  # ATST-SED
@@ -53,11 +54,14 @@ ENCODER_PREFIXES = (
     "",  # bare encoder state dict
 )
 WRAPPER_PREFIXES = ("module.", "backbone.")
-# Where a head (a kind of heads.HEADS) sits next to the encoder, and the prefix its names take in our
-# modules: PretrainedSED's "strong_head.weight" is a StrongHead's "linear.weight" (its weak_head is not
-# used for strong predictions and is left out).
-HEAD_PREFIXES = {"model.student.": ("model.linear.", ""), "encoder.encoder.": ("head.", ""),
-                 "model.encoder.": ("model.head.", ""), "model.atst.": ("strong_head.", "linear.")}
+# Where a head (a kind of heads.HEADS) sits next to the encoder (the encoder's own weights aside), the
+# prefix its names take in our modules, and whether weights there must be a head: PretrainedSED's
+# "strong_head.weight" is a StrongHead's "linear.weight" (its weak_head is not used for strong
+# predictions and is left out); ATST-SED's head stack sits beside its encoder, under the same model;
+# a bare ATST-SED model file may hold other weights there, and then loads as its encoder alone.
+HEAD_LAYOUTS = {"model.student.": ("model.linear.", "", True), "encoder.encoder.": ("head.", "", True),
+                "model.encoder.": ("model.head.", "", True), "model.atst.": ("strong_head.", "linear.", True),
+                "sed_teacher.atst_frame.atst.": ("sed_teacher.", "", True), "atst_frame.atst.": ("", "", False)}
 
 # Globals that genuine files may hold besides tensors. The legacy pretraining format stores its
 # command line as an argparse.Namespace (reference section 4.2), a plain attribute container.
@@ -289,16 +293,19 @@ def parse_state_dict(
     distilled = prefix == "model.student." or (prefix == "model.encoder." and bool(hyper.get("teacher")))
     kind = "c2f" if distilled and not config.cls_token else "clip" if config.cls_token else "frame"
     head_state, num_classes, head_type, head_norm = None, 0, "clip", False
-    head_prefix, ours = HEAD_PREFIXES.get(prefix, (None, ""))
+    head_prefix, ours, required = HEAD_LAYOUTS.get(prefix, (None, "", False))
     if head_prefix is not None:
-        head_state = {ours + k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)} or None
+        head_state = {ours + k[len(head_prefix) :]: v for k, v in state.items()
+                      if k.startswith(head_prefix) and not k.startswith(prefix)} or None
+    if head_state is not None and not required and head_of_weights(head_state, config) is None:
+        head_state = None
     if head_state is not None:
         if any(not isinstance(value, Tensor) for value in head_state.values()):
             raise CheckpointError(f"{name}: the head under {head_prefix!r} holds values that are not tensors")
         spec = head_of_weights(head_state, config)
         if spec is None:
-            kinds = "; ".join(f"{kind}: {sorted(_expected_state(functools.partial(spec.new, config, 1)))}"
-                              for kind, spec in HEADS.items())
+            kinds = "; ".join(f"{other}: {sorted(_expected_state(functools.partial(spec.new, config, 1)))[:4]}..."
+                              for other, spec in HEADS.items())
             raise CheckpointError(f"{name}: the head under {head_prefix!r} has the weights {sorted(head_state)[:6]}, "
                                   f"those of no kind of head ({kinds})")
         head_type, num_classes, head_norm = spec.kind, spec.classes_in(head_state), spec.norm_in(head_state)

@@ -12,13 +12,21 @@ A model's ``config.detection`` (all optional; :data:`DEFAULTS` otherwise) says h
   10 s). Either way, where windows overlap, token probabilities are averaged.
 - ``hop_seconds``: seconds between window starts, a multiple of one token (40 ms), at most a window;
 - ``median``: median filter length in frames, one number or ``{label: number, "*": default}``;
-- ``threshold``: probability threshold, likewise.
+- ``threshold``: probability threshold, likewise;
+- ``combine``: how events come from overlapping windows. ``"average"``: from the frame probabilities
+  averaged over the windows, median-filtered and thresholded; ``"union"``: each window's probabilities
+  median-filtered and thresholded on their own, and a frame active where any window says so (ATST-SED's
+  ``inference.py``; its windows keep their place on the 64 ms grid here, where it drifts by 0.875
+  frames per window). Event scores are the averaged probabilities' either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -26,10 +34,12 @@ from .errors import InputError
 from .events import Event, decode_events, median_filter, per_class
 from .windows import FiniteCheck, Window
 
-__all__ = ["DEFAULTS", "WINDOWS", "check_settings", "detect_events", "event_probabilities", "settings"]
+__all__ = ["DEFAULTS", "WINDOWS", "check_settings", "detect_events", "event_probabilities", "frame_seconds", "settings",
+           "timestamps"]
 
 WINDOWS = ("spectrogram", "audio")
-DEFAULTS = {"windows": "spectrogram", "hop_seconds": 5.0, "median": 7, "threshold": 0.5}
+DEFAULTS = {"windows": "spectrogram", "hop_seconds": 5.0, "median": 7, "threshold": 0.5, "combine": "average"}
+COMBINE = ("average", "union")
 
 
 def check_settings(detection: dict, labels: tuple[str, ...]) -> None:
@@ -40,6 +50,8 @@ def check_settings(detection: dict, labels: tuple[str, ...]) -> None:
         raise InputError(f"unknown detection settings {unknown}; known: {sorted(DEFAULTS)}")
     if detection.get("windows", "spectrogram") not in WINDOWS:
         raise InputError(f"detection windows must be one of {WINDOWS}, got {detection['windows']!r:.40}")
+    if detection.get("combine", "average") not in COMBINE:
+        raise InputError(f"detection combine must be one of {COMBINE}, got {detection['combine']!r:.40}")
     hop = detection.get("hop_seconds", 5.0)
     if isinstance(hop, bool) or not isinstance(hop, (int, float)) or not 0 < hop <= 3600:
         raise InputError(f"detection hop_seconds must be a positive number of seconds, got {hop!r:.40}")
@@ -54,8 +66,9 @@ def check_settings(detection: dict, labels: tuple[str, ...]) -> None:
 
 
 def settings(model) -> dict:
-    """The model's detection settings: its ``config.detection`` over :data:`DEFAULTS`."""
-    return {**DEFAULTS, **model.config.detection}
+    """The model's detection settings: its ``config.detection`` over its kind of head's, over :data:`DEFAULTS`."""
+    spec = model.head_spec
+    return {**DEFAULTS, **(spec.detection if spec is not None else {}), **model.config.detection}
 
 
 def _hop_tokens(model, hop_seconds: float) -> int:
@@ -67,17 +80,52 @@ def _hop_tokens(model, hop_seconds: float) -> int:
     return tokens
 
 
+def _frame_samples(model) -> int:
+    """Samples per output frame: the head's own (ATST-SED: 1024), else one token's (640)."""
+    return getattr(model.head, "frame_samples", model.config.encoder.patch_frames * model.config.frontend.hop_length)
+
+
+def frame_seconds(model) -> float:
+    """Seconds between the head's output frames (0.04 for a frame per token)."""
+    return _frame_samples(model) / model.sample_rate
+
+
+def _output_frames(model, n_samples: int) -> int:
+    head = model.head
+    return head.n_frames(n_samples) if hasattr(head, "n_frames") else model.num_frame_embeddings(n_samples)
+
+
+def timestamps(model, count: int) -> Tensor:
+    """The centres of the head's first ``count`` output frames, in ms (tokens: ``40 i + 15``)."""
+    samples = _frame_samples(model)
+    if hasattr(model.head, "frame_offset_samples"):
+        return (torch.arange(count, device=model.device, dtype=torch.float32) * samples
+                + model.head.frame_offset_samples) * 1000 / model.sample_rate
+    return model._timestamps(count)
+
+
 def event_probabilities(model, waves: list[Tensor], hop_seconds: float | None, batch_size: int
                         ) -> tuple[list[Tensor], list[Tensor]]:
-    """``(strong [T_i, C], weak [C])`` of each 16 kHz waveform (already prepared by the model): token
+    """``(strong [T_i, C], weak [C])`` of each 16 kHz waveform (already prepared by the model): frame
     probabilities averaged where windows overlap, and the head's clip-level pooling of them."""
+    strong, weak, _ = _over_windows(model, waves, hop_seconds, batch_size)
+    return strong, weak
+
+
+def _over_windows(model, waves: list[Tensor], hop_seconds: float | None, batch_size: int, decide=None):
+    """:func:`event_probabilities`, and with ``decide`` (a window's probabilities ``[n, C]`` -> active
+    frames ``[n, C]``), the frames active in any window: ``(strong, weak, decisions or None)``."""
     options = settings(model)
     hop = _hop_tokens(model, options["hop_seconds"] if hop_seconds is None else hop_seconds)
-    counts = [model.num_frame_embeddings(wave.numel()) for wave in waves]
+    reads_audio = getattr(model.head_spec, "reads_audio", False)
+    if reads_audio and options["windows"] != "audio":
+        raise InputError(f"a {model.head_spec.title} reads the audio of each window: its detection windows must be 'audio'")
+    counts = [_output_frames(model, wave.numel()) for wave in waves]
     classes = model.config.num_classes
     sums = [torch.zeros(n, classes, device=model.device) for n in counts]
     weights = [torch.zeros(n, classes, device=model.device) for n in counts]
     covered = [torch.zeros(n, 1, device=model.device) for n in counts]
+    decisions = [torch.zeros(n, classes, dtype=torch.bool) for n in counts] if decide is not None else None
     windows = _audio_windows if options["windows"] == "audio" else _spectrogram_windows
     with model._inference():
         for item, first, strong, attention in windows(model, waves, hop, batch_size):
@@ -85,9 +133,11 @@ def event_probabilities(model, waves: list[Tensor], hop_seconds: float | None, b
             sums[item][first : first + count] += strong[:count]
             weights[item][first : first + count] += attention[:count]
             covered[item][first : first + count] += 1
+            if decisions is not None:
+                decisions[item][first : first + count] |= decide(strong)[:count]
     strong = [s / c for s, c in zip(sums, covered)]
     weak = [model.head.pool(p, w / c) for p, w, c in zip(strong, weights, covered)]
-    return strong, weak
+    return strong, weak, decisions
 
 
 def _spectrogram_windows(model, waves: list[Tensor], hop: int, batch_size: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
@@ -103,7 +153,9 @@ def _spectrogram_windows(model, waves: list[Tensor], hop: int, batch_size: int) 
 
 def _audio_windows(model, waves: list[Tensor], hop: int, batch_size: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """The same for windows cut from the audio: each a clip of ``window_samples`` samples (the last
-    zero-padded), every ``hop`` tokens, with its own spectrogram and no mask."""
+    zero-padded), every ``hop`` tokens, with its own spectrogram and no mask. A window's first frame is
+    its start in the head's frames, rounded (ATST-SED's 64 ms frames do not divide a 3 s hop: each
+    window is placed within half a frame, none drifts)."""
     width, step = model.window_samples, hop * model.config.encoder.patch_frames * model.config.frontend.hop_length
     chunks = []
     for item, wave in enumerate(waves):
@@ -112,29 +164,61 @@ def _audio_windows(model, waves: list[Tensor], hop: int, batch_size: int) -> Ite
             chunks.append((item, start, nn.functional.pad(piece, (0, width - piece.numel()))))
             if start + width >= wave.numel():
                 break
-    samples_per_token = model.config.encoder.patch_frames * model.config.frontend.hop_length
+    frame = _frame_samples(model)
+    reads_audio = getattr(model.head_spec, "reads_audio", False)
     check = FiniteCheck()
     for first in range(0, len(chunks), batch_size):
         batch = chunks[first : first + batch_size]
-        mel, _ = model.frontend(torch.stack([chunk for *_, chunk in batch]))
+        audio = torch.stack([chunk for *_, chunk in batch])
+        mel, _ = model.frontend(audio)
         with model._autocast():
             output = model.encoder(mel.to(model.dtype), None, 1)
         check.add([Window(item, start, 0) for item, start, _ in batch], output)
-        strong, attention = model.head.frame_outputs(output.tokens[0].float())
+        tokens = output.tokens[0].float()
+        strong, attention = model.head.frame_outputs(tokens, audio) if reads_audio else model.head.frame_outputs(tokens)
         for row, (item, start, _) in enumerate(batch):
-            yield item, start // samples_per_token, strong[row], attention[row]
+            yield item, int(round(start / frame)), strong[row], attention[row]
     check.refuse(len(waves), model._computes_in_float16)
 
 
-def detect_events(model, waves: list[Tensor], names: list[str], *, hop_seconds: float | None = None, threshold=None,
-                  median=None, min_gap: float = 0.0, min_length: float = 0.0, batch_size: int = 32) -> list[list[Event]]:
-    """Events of each waveform (named ``names[i]`` in the events), with the model's post-processing
-    for every setting left None: median filter, then threshold (see the module docstring)."""
+def detect_events(model, audio, names: list[str] | None = None, *, sample_rate: int | None = None,
+                  hop_seconds: float | None = None, threshold=None, median=None, combine: str | None = None,
+                  min_gap: float = 0.0, min_length: float = 0.0, batch_size: int = 32
+                  ) -> tuple[list[list[Event]], list[np.ndarray]]:
+    """Events of each clip of ``audio`` (anything the model takes; named ``names[i]`` in the events,
+    default: the file's path, else ""), with the model's post-processing
+    for every setting left None: median filter, then threshold, windows combined by averaging or
+    union (see the module docstring); and each waveform's median-filtered averaged probabilities
+    ``[T, C]``, from which the events' scores come."""
+    model.require_head("frame")
     options = settings(model)
     labels = model.labels
     sizes = per_class(options["median"] if median is None else median, labels, "median").astype(int)
     threshold = options["threshold"] if threshold is None else threshold
-    strong, _ = event_probabilities(model, waves, hop_seconds, batch_size)
-    return [decode_events(median_filter(p.cpu().numpy(), sizes), labels, filename=name, hop=model.frame_hop_ms / 1000,
-                          threshold=threshold, min_gap=min_gap, min_length=min_length)
-            for p, name in zip(strong, names)]
+    thresholds = per_class(threshold, labels, "threshold")
+    combine = options["combine"] if combine is None else combine
+    if combine not in COMBINE:
+        raise InputError(f"combine must be one of {COMBINE}, got {combine!r}")
+    seconds = frame_seconds(model)
+    waves, _ = model._prepare(audio, sample_rate)
+    if names is None:
+        names = [str(audio)] if isinstance(audio, (str, os.PathLike)) else [""] * len(waves)
+
+    def decide(strong: Tensor) -> Tensor:
+        return torch.from_numpy(median_filter(strong.cpu().numpy(), sizes) >= thresholds)
+
+    strong, _, decisions = _over_windows(model, waves, hop_seconds, batch_size, decide if combine == "union" else None)
+    events, curves = [], []
+    for index, (probabilities, name) in enumerate(zip(strong, names)):
+        filtered = median_filter(probabilities.cpu().numpy(), sizes)
+        curves.append(filtered)
+        if decisions is None:
+            events.append(decode_events(filtered, labels, filename=name, hop=seconds, threshold=threshold,
+                                        min_gap=min_gap, min_length=min_length))
+            continue
+        found = decode_events(decisions[index].numpy().astype(float), labels, filename=name, hop=seconds, threshold=0.5,
+                              min_gap=min_gap, min_length=min_length)
+        events.append([dataclasses.replace(e, score=round(float(filtered[round(e.onset / seconds) : round(e.offset / seconds),
+                                                                          labels.index(e.label)].mean()), 4))
+                       for e in found])
+    return events, curves

@@ -12,7 +12,10 @@ kind of head is one entry here and its training module.
 - ``"events"``: :class:`EventHead`, its strong + weak head for sound event detection
   (``get_event_probabilities``, ``atst-detect``);
 - ``"strong"``: :class:`StrongHead`, a per-token sigmoid Linear only (PretrainedSED's ATST-Frame
-  and audiossl's AudioSet-strong models), whose clip-level probability is the highest frame's.
+  and audiossl's AudioSet-strong models), whose clip-level probability is the highest frame's;
+- ``"atst-sed"``: :class:`~atst_features.atst_sed.AtstSedHead`, ATST-SED's CNN, fusion, BiGRU and
+  strong/weak outputs, which also reads the window's audio (``frame_outputs(tokens, audio)``) and
+  gives a frame every 64 ms (its ``frame_samples``, ``frame_offset_samples`` and ``n_frames``).
 
 A frame-level head maps tokens ``[B, T, D]`` to ``frame_outputs(tokens) -> (probabilities [B, T, C],
 weights [B, T, C])``, pools such (possibly window-averaged) outputs into clip-level ones with
@@ -32,13 +35,15 @@ ATST authors' AudioSet-strong model in the order of its outputs: the mids of the
 audiossl's commit e584998 (``Inference_audioset_strong.py``), the order the authors gave for their
 checkpoint in the thread of their pull request 13 (not the sorted order that request first had;
 sha256 of the mids joined by newlines ``31c5aef8...caf81``), named by the same file.
+``data/desed.csv`` holds the 10 DESED classes in the order of ATST-SED's outputs (its
+``train/local/classes_dict.py``), without mids.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Callable
@@ -171,7 +176,9 @@ class HeadSpec:
     ``title``, ``outputs`` and ``how_to_get``: words for messages;
     ``predict(model, audio)``: its output on ``audio``, compared when a conversion is verified;
     ``card``: its model card section, a template of ``{classes}``, ``{shown}`` (label names) and
-    ``{activation}``.
+    ``{activation}``. ``reads_audio``: the head also reads each window's waveform, so its model runs
+    windows cut from the audio (:mod:`atst_features.detection`); ``detection``: detection settings
+    every model with this head takes unless its config says otherwise.
     """
 
     kind: str
@@ -184,6 +191,8 @@ class HeadSpec:
     how_to_get: str
     predict: Callable
     card: str
+    reads_audio: bool = False
+    detection: dict = field(default_factory=dict)
 
     def new(self, encoder, num_classes: int, norm: bool = False) -> nn.Module:
         """A freshly initialised head of this kind on ``encoder`` (an :class:`~atst_features.encoder.EncoderConfig`)."""
@@ -237,6 +246,28 @@ events = model.detect_events("audio.wav")                              # with th
 From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
 """
 
+_ATST_SED_CARD = """
+## Sound event detection (ATST-SED)
+
+ATST-SED's head stack (a CNN on a mel spectrogram of its own, fused with the ATST-Frame tokens, a
+BiGRU, strong and weak outputs) for {classes} classes{shown}: a sigmoid probability per class every
+64 ms, and attention-pooled clip-level probabilities:
+
+```python
+events = model.detect_events("audio.wav")                              # with this model's post-processing
+strong, timestamps, weak = model.get_event_probabilities("audio.wav")   # [T, {classes}], [T] ms, [{classes}] per clip
+```
+
+From the shell: `atst-detect audio.wav --model path/to/this/folder -o events.tsv --plot plots/`.
+"""
+
+
+def _atst_sed_head(size: int, classes: int, norm: bool) -> nn.Module:
+    from .atst_sed import AtstSedHead  # its module imports this one
+
+    return AtstSedHead(size, classes)
+
+
 HEADS: dict[str, HeadSpec] = {
     spec.kind: spec
     for spec in (
@@ -252,6 +283,10 @@ HEADS: dict[str, HeadSpec] = {
                  optional_norm=False, title="frame-level head", outputs="event probabilities",
                  how_to_get="train one with atst-train sed and export it with atst-convert",
                  predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_STRONG_CARD),
+        HeadSpec("atst-sed", "frame", _atst_sed_head, marker="dense.weight", optional_norm=False, title="ATST-SED head",
+                 outputs="event probabilities", how_to_get="load atst-sed-desed (ATST-SED's stage-2 model)",
+                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_ATST_SED_CARD,
+                 reads_audio=True, detection={"windows": "audio", "hop_seconds": 3.0}),
     )
 }
 

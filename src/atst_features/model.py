@@ -8,7 +8,6 @@ encoder together, in padded batches with key-padding masks, so a batch equals on
 
 from __future__ import annotations
 
-import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -297,7 +296,8 @@ class ATSTModel(nn.Module):
         self, audio, *, sample_rate: int | None = None, hop_seconds: float | None = None, batch_size: int = 32
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Sound event probabilities of a model with a frame-level head, per clip: ``(strong [T_i, C]
-        per 40 ms token, timestamps [T_i] in ms, weak [C])``, float32.
+        per output frame (a 40 ms token; ATST-SED: 64 ms), timestamps [T_i] in ms (frame centres),
+        weak [C])``, float32.
 
         Audio longer than 10 s runs in 10 s windows every ``hop_seconds`` (a multiple of 40 ms, at
         most 10 s; default: the model's, else 5), cut from its spectrogram or from the audio as the
@@ -305,27 +305,27 @@ class ATSTModel(nn.Module):
         windows overlap, token probabilities (and attention weights) are averaged. The weak output
         pools the whole clip as the head does (attention, or the highest frame).
         """
-        from .detection import event_probabilities
+        from .detection import event_probabilities, timestamps
 
         self.require_head("frame")
         waves, _ = self._prepare(audio, sample_rate)
         strong, weak = event_probabilities(self, waves, hop_seconds, batch_size)
-        return strong, [self._timestamps(len(p)) for p in strong], weak
+        return strong, [timestamps(self, len(p)) for p in strong], weak
 
-    def detect_events(self, audio, *, sample_rate: int | None = None, threshold=None, median=None, min_gap: float = 0.0,
-                      min_length: float = 0.0, hop_seconds: float | None = None, batch_size: int = 32) -> list[list]:
+    def detect_events(self, audio, *, sample_rate: int | None = None, threshold=None, median=None, combine: str | None = None,
+                      min_gap: float = 0.0, min_length: float = 0.0, hop_seconds: float | None = None,
+                      batch_size: int = 32) -> list[list]:
         """Sound events per clip (:class:`~atst_features.events.Event`: onset and offset in seconds,
         label, score), sorted by onset: :meth:`get_event_probabilities`, median-filtered (``median``
-        frames, one value or ``{label: value}``), at or above ``threshold``; each left None takes the
-        model's own setting (``config.detection``), else 7 frames and 0.5. ``min_gap`` / ``min_length``
-        (s): merge closer events of a class, drop shorter ones."""
+        frames, one value or ``{label: value}``), at or above ``threshold``, overlapping windows
+        combined by ``"average"`` or ``"union"``; each left None takes the model's own setting
+        (``config.detection``; :mod:`atst_features.detection`), else 7 frames, 0.5 and average.
+        ``min_gap`` / ``min_length`` (s): merge closer events of a class, drop shorter ones."""
         from .detection import detect_events
 
-        self.require_head("frame")
-        waves, _ = self._prepare(audio, sample_rate)
-        names = [str(audio)] if isinstance(audio, (str, os.PathLike)) else [""] * len(waves)
-        return detect_events(self, waves, names, hop_seconds=hop_seconds, threshold=threshold, median=median,
-                             min_gap=min_gap, min_length=min_length, batch_size=batch_size)
+        return detect_events(self, audio, sample_rate=sample_rate, hop_seconds=hop_seconds, threshold=threshold,
+                             median=median, combine=combine, min_gap=min_gap, min_length=min_length,
+                             batch_size=batch_size)[0]
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, audio, sample_rate: int | None) -> tuple[list[Tensor], bool]:

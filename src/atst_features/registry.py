@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .encoder import EncoderConfig
 from .files import WEIGHTS_NAME
+from .frontend import FrontendConfig
 from .heads import HEADS, label_file
 
 __all__ = ["ATST_CITATION", "ATST_SED_CITATION", "DEFAULT_MODEL", "HUB_ORGANISATION", "OFFLINE_MODEL", "PACKAGED_HINT",
@@ -58,7 +59,8 @@ class PretrainedModel:
     file, downloaded and converted while the entry is not ``published`` on the Hub (see
     :mod:`atst_features.official`). A fine-tuned model: ``head``, the kind of head (of
     :data:`~atst_features.heads.HEADS`) the file holds; ``labels_file``, its class names (a file of
-    ``atst_features/data``), and ``detection``, its post-processing, both given to the converted model."""
+    ``atst_features/data``), ``detection``, its post-processing, and ``frontend``, settings of its front
+    end that differ from ATST's (a dB clamp), all given to the converted model."""
 
     name: str
     kind: str
@@ -77,6 +79,7 @@ class PretrainedModel:
     head: str | None = None
     labels_file: str | None = None
     detection: dict = field(default_factory=dict)
+    frontend: dict = field(default_factory=dict)
 
     @property
     def encoder(self) -> EncoderConfig:
@@ -112,9 +115,13 @@ class PretrainedModel:
         return f"{'events' if HEADS[self.head].level == 'frame' else 'tags'} ({len(self.labels)})"
 
     def config_overrides(self) -> dict:
-        """What the converted model's config takes from this entry: class names and detection settings."""
+        """What the converted model's config takes from this entry: class names, detection and front end settings."""
         overrides = {"labels": self.labels} if self.labels_file else {}
-        return {**overrides, **({"detection": dict(self.detection)} if self.detection else {})}
+        if self.detection:
+            overrides["detection"] = dict(self.detection)
+        if self.frontend:
+            overrides["frontend"] = FrontendConfig(**self.frontend)
+        return overrides
 
     @property
     def published(self) -> bool:
@@ -207,6 +214,29 @@ REGISTRY: dict[str, PretrainedModel] = {
             citation=ATST_SED_CITATION,
         ),
         PretrainedModel(
+            name="atst-sed-desed",
+            kind="frame",
+            size="base",
+            repo_id=f"{HUB_ORGANISATION}/atst-sed-desed",
+            filename=WEIGHTS_NAME,
+            revision=None,
+            sha256=None,
+            num_bytes=None,
+            license="mit",
+            source_url="https://github.com/Audio-WestlakeU/ATST-SED",
+            description="ATST-SED (DCASE 2023 task 4), stage 2 without external data: ATST-Frame base, a CNN and a "
+            "BiGRU, events of the 10 DESED classes every 64 ms",
+            citation=ATST_SED_CITATION,
+            download_url="https://drive.google.com/uc?export=download&id=1yMv05N0Nz5mSzlQ4YBb_sqOjazPbPDhw",
+            head="atst-sed",
+            labels_file="desed",
+            detection={"windows": "audio", "hop_seconds": 3.0, "threshold": 0.5, "combine": "union",
+                       "median": {"Alarm_bell_ringing": 6, "Blender": 20, "Cat": 7, "Dishes": 4, "Dog": 7,
+                                  "Electric_shaver_toothbrush": 6, "Frying": 6, "Running_water": 6, "Speech": 6,
+                                  "Vacuum_cleaner": 6}},
+            frontend={"clamp_db": [-50.0, 80.0]},
+        ),
+        PretrainedModel(
             name="atst-frame-base-as-strong-447",
             kind="frame",
             size="base",
@@ -224,6 +254,7 @@ REGISTRY: dict[str, PretrainedModel] = {
             head="strong",
             labels_file="audioset_strong_447",
             detection={"windows": "audio", "hop_seconds": 10.0, "median": 9, "threshold": 0.5},
+            frontend={"clamp_db": [-50.0, 80.0]},
         ),
         PretrainedModel(
             name="atst-frame-base-as-strong",

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE
+from ..detection import frame_seconds
 from ..errors import InputError
 from .common import CONTEXT, MANIFEST_OPTION, find_items, head_command_options, model_with_head, one_line_errors, result_format
 from .runs import Run
@@ -38,8 +39,8 @@ def _per_label_option(text: str, cast, name: str):
     return values
 
 
-def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, events, path: Path, title: str) -> None:
-    """Spectrogram, per-class probabilities and detected events of one file, as a PNG."""
+def _plot_events(model, waveform: np.ndarray, probabilities: np.ndarray, events, path: Path, title: str) -> None:
+    """Spectrogram, per-class (median-filtered) probabilities ``[T, C]`` and detected events of one file, as a PNG."""
     try:
         import matplotlib
 
@@ -53,9 +54,9 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
     figure, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.2]})
     axes[0].imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
     axes[0].set(ylabel="mel bin", title=title)
-    times = (np.arange(len(probabilities)) + 0.5) * model.frame_hop_ms / 1000
+    times = (np.arange(len(probabilities)) + 0.5) * frame_seconds(model)
     for c, label in enumerate(labels):
-        axes[1].plot(times, probabilities[:, c].cpu().numpy(), label=label, linewidth=1.2)
+        axes[1].plot(times, probabilities[:, c], label=label, linewidth=1.2)
     axes[1].set(ylabel="probability", ylim=(0, 1))
     axes[1].legend(loc="upper right", fontsize=7, ncol=min(len(labels), 4))
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
@@ -74,8 +75,11 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
 @click.option("--model", "model_name", required=True, help="A model with an event head (atst-train sed, then atst-convert).")
 @click.option("--threshold", default=None, help="Probability threshold: one value, or LABEL=VALUE,...,*=DEFAULT "
               "[default: the model's own, else 0.5].")
-@click.option("--median", default=None, help="Median filter length in 40 ms frames: one value, or LABEL=N,... "
-              "[default: the model's own, else 7].")
+@click.option("--median", default=None, help="Median filter length in the model's frames (40 ms; ATST-SED: 64 ms): "
+              "one value, or LABEL=N,... [default: the model's own, else 7].")
+@click.option("--combine", type=click.Choice(["average", "union"]), default=None,
+              help="Overlapping windows: events from their averaged probabilities, or the union of each window's "
+              "events (ATST-SED's inference) [default: the model's own, else average].")
 @click.option("--min-gap", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Merge events of a class closer than this (s).")
 @click.option("--min-length", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop events shorter than this (s).")
 @click.option("--hop", type=click.FloatRange(min=0.04, max=10.0), default=None,
@@ -90,8 +94,8 @@ def _plot_events(model, waveform: np.ndarray, probabilities: torch.Tensor, event
               "sed_scores_eval reads them: atst-score --scores computes PSDS from them.")
 @head_command_options
 @one_line_errors
-def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length, hop, fmt, output, plot_dir, scores_dir,
-           overwrite, device, precision, batch_size, num_workers, quiet) -> None:
+def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, min_length, hop, fmt, output, plot_dir,
+           scores_dir, overwrite, device, precision, batch_size, num_workers, quiet) -> None:
     """Detect sound events in audio files with a model that has an event head.
 
     Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
@@ -99,8 +103,8 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     windows every --hop seconds, overlapping probabilities averaged.
     Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
     """
-    from ..detection import settings
-    from ..events import decode_events, median_filter, per_class, write_events
+    from ..detection import detect_events, settings
+    from ..events import per_class, write_events
     from ..scoring import write_score_table
 
     threshold = _per_label_option(threshold, float, "--threshold") if threshold is not None else None
@@ -109,13 +113,11 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     items, special = find_items(inputs, manifest)
     model = model_with_head(model_name, device, precision, "frame")
     defaults = settings(model)
-    threshold = defaults["threshold"] if threshold is None else threshold
-    median = defaults["median"] if median is None else median
-    seconds = model.frame_hop_ms / 1000
-    sizes = per_class(median, model.labels, "median").astype(int)  # checks the labels named against the model's
-    decode = functools.partial(decode_events, labels=model.labels, hop=seconds, threshold=threshold, median=1,
-                               min_gap=min_gap, min_length=min_length)
-    decode(np.zeros((1, len(model.labels))))  # checks per-label thresholds against the model's labels
+    for value, name in ((threshold, "threshold"), (median, "median")):  # the labels named, against the model's
+        per_class(defaults[name] if value is None else value, model.labels, name)
+    seconds = frame_seconds(model)
+    detect_file = functools.partial(detect_events, model, hop_seconds=hop, threshold=threshold, median=median,
+                                    combine=combine, min_gap=min_gap, min_length=min_length, batch_size=batch_size)
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
     tables = {item: scores_dir / item.relative.with_suffix(".tsv") for item in items} if scores_dir is not None else {}
@@ -126,13 +128,11 @@ def detect(inputs, manifest, model_name, threshold, median, min_gap, min_length,
     events = []
     for item, result in run.decoded(items, num_workers):
         try:
-            strong, _, _ = model.get_event_probabilities(result, hop_seconds=hop, batch_size=batch_size)
-            filtered = median_filter(strong[0].cpu().numpy(), sizes)
-            found = decode(filtered, filename=str(item.relative))
+            (found,), (filtered,) = detect_file(result, [str(item.relative)])
             if item in tables:
                 write_score_table(tables[item], filtered, model.labels, seconds, len(result) / SAMPLE_RATE)
             if plot_dir is not None:
-                _plot_events(model, result, strong[0], found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
+                _plot_events(model, result, filtered, found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
         except Exception as error:
             run.error(item, error)
             continue
