@@ -74,13 +74,16 @@ class CrnnFrontend(nn.Module):
 
 
 class _ContextGating(nn.Module):
+    """``x * sigmoid(W x + b)`` across the channels of ``[B, C, T, F]``. In the channels-last layout the
+    CNN runs in, the channel axis is innermost: the Linear layer reads the map as it lies, no copy."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.linear = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return x * torch.sigmoid(gate)
+        return gate.sigmoid_().mul_(x)
 
 
 class _Convolutions(nn.Module):
@@ -98,9 +101,21 @@ class _Convolutions(nn.Module):
         self.cnn = nn.Sequential(layers)
 
     def forward(self, mel: Tensor) -> Tensor:
-        """``[B, 128, T]`` -> ``[B, T // 4, 128]``."""
-        x = self.cnn(mel.transpose(1, 2).unsqueeze(1))  # [B, C, T // 4, 1]
-        return x.squeeze(-1).permute(0, 2, 1)
+        """``[B, 128, T]`` -> ``[B, T // 4, 128]``, in the channels-last layout (convolutions, gating and
+        pooling all about twice as fast on a CPU as channels-first). Out of training, each BatchNorm is
+        folded into the convolution before it (one pass over the map less)."""
+        x = mel.transpose(1, 2).unsqueeze(1).contiguous(memory_format=torch.channels_last)  # [B, 1, T, 128]
+        for index in range(len(CHANNELS)):
+            conv, norm = getattr(self.cnn, f"conv{index}"), getattr(self.cnn, f"batchnorm{index}")
+            if self.training:
+                x = norm(conv(x))
+            else:
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = (conv.bias - norm.running_mean) * scale + norm.bias
+                weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+                x = nn.functional.conv2d(x, weight, bias, padding=1)
+            x = getattr(self.cnn, f"pooling{index}")(getattr(self.cnn, f"cg{index}")(x))
+        return x.squeeze(-1).permute(0, 2, 1)  # [B, C, T // 4, 1] -> [B, T // 4, C]
 
 
 class _BiGru(nn.Module):

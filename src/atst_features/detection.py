@@ -157,26 +157,26 @@ def _audio_windows(model, waves: list[Tensor], hop: int, batch_size: int) -> Ite
     its start in the head's frames, rounded (ATST-SED's 64 ms frames do not divide a 3 s hop: each
     window is placed within half a frame, none drifts)."""
     width, step = model.window_samples, hop * model.config.encoder.patch_frames * model.config.frontend.hop_length
-    chunks = []
+    starts = []  # (item, first sample): the windows, cut batch by batch (an hour holds 1 200 windows of 3 s)
     for item, wave in enumerate(waves):
         for start in range(0, wave.numel(), step):
-            piece = wave[start : start + width]
-            chunks.append((item, start, nn.functional.pad(piece, (0, width - piece.numel()))))
+            starts.append((item, start))
             if start + width >= wave.numel():
                 break
     frame = _frame_samples(model)
     reads_audio = getattr(model.head_spec, "reads_audio", False)
     check = FiniteCheck()
-    for first in range(0, len(chunks), batch_size):
-        batch = chunks[first : first + batch_size]
-        audio = torch.stack([chunk for *_, chunk in batch])
+    for first in range(0, len(starts), batch_size):
+        batch = starts[first : first + batch_size]
+        audio = torch.stack([nn.functional.pad(waves[item][start : start + width],
+                                               (0, max(0, start + width - waves[item].numel()))) for item, start in batch])
         mel, _ = model.frontend(audio)
         with model._autocast():
             output = model.encoder(mel.to(model.dtype), None, 1)
-        check.add([Window(item, start, 0) for item, start, _ in batch], output)
+        check.add([Window(item, start, 0) for item, start in batch], output)
         tokens = output.tokens[0].float()
         strong, attention = model.head.frame_outputs(tokens, audio) if reads_audio else model.head.frame_outputs(tokens)
-        for row, (item, start, _) in enumerate(batch):
+        for row, (item, start) in enumerate(batch):
             yield item, int(round(start / frame)), strong[row], attention[row]
     check.refuse(len(waves), model._computes_in_float16)
 
