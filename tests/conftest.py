@@ -51,6 +51,27 @@ def recipe_checkpoint(fmt: str, only_prefix: str = "") -> dict:
     }
 
 
+def registry_stand_in(name: str, checkpoint: Path, tmp_path: Path, monkeypatch, **changes):
+    """The registry's ``name``, downloaded from a local server holding ``checkpoint`` (a small stand-in
+    in the official layout), converted, checked and cached as a user's first load does; the entry as
+    it is but for ``changes``. Afterwards the Hub is offline: what the test loads again comes from the cache."""
+    import dataclasses
+
+    from download_server import DownloadServer
+
+    from atst_features import load_model
+    from atst_features.registry import REGISTRY
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with DownloadServer({checkpoint.name: checkpoint.read_bytes()}) as server:
+        entry = dataclasses.replace(REGISTRY[name], download_url=f"{server.url}/direct/{checkpoint.name}", **changes)
+        monkeypatch.setitem(REGISTRY, name, entry)
+        model = load_model(name, device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return model
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("checkpoints")

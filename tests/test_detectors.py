@@ -1,10 +1,9 @@
-"""Ready-made detectors: PretrainedSED's ATST-Frame AudioSet-strong model and the ATST authors' one,
-from their official layouts, equal to their code (tests/data/make_pretrainedsed_parity.py), with
-their class names in the order of their outputs, and their post-processing as defaults."""
+"""Ready-made detectors: PretrainedSED's ATST-Frame AudioSet-strong model, the ATST authors' one and
+ATST-SED, from their official layouts, equal to their code (tests/data/make_*_parity.py), with their
+class names in the order of their outputs, and their post-processing as defaults."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DATA, recipe_checkpoint, waveform
-from download_server import DownloadServer
+from conftest import DATA, recipe_checkpoint, registry_stand_in, waveform
 
 from atst_features import load_model
 from atst_features.cli.detect import detect
@@ -38,16 +36,9 @@ def checkpoint(tmp_path):
 
 @pytest.fixture
 def detector(checkpoint, tmp_path, monkeypatch):
-    """The registry's PretrainedSED model, downloaded from a local server holding the small stand-in."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with DownloadServer({checkpoint.name: checkpoint.read_bytes()}) as server:
-        # the stand-in has 12 classes, not the 447 the entry names; everything else is the entry's
-        entry = dataclasses.replace(REGISTRY[NAME], download_url=f"{server.url}/direct/{checkpoint.name}", labels_file=None)
-        monkeypatch.setitem(REGISTRY, NAME, entry)
-        model = load_model(NAME, device="cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # from here on, the cache only
-    return model
+    """The registry's PretrainedSED model, downloaded from a local server holding the small stand-in
+    (12 classes, not the 447 the entry names: everything else is the entry's)."""
+    return registry_stand_in(NAME, checkpoint, tmp_path, monkeypatch, labels_file=None)
 
 
 def test_equal_to_pretrainedsed_inference(detector):
@@ -106,6 +97,35 @@ def test_class_names_in_the_order_of_the_outputs():
     assert len(REGISTRY[NAME].labels) == 447
 
 
+# ------------------------------------------------------------------ the ATST authors' 407-class model
+AS_STRONG_EXPECTED = np.load(DATA / "expected_audiossl_as_strong_small.npz")
+AS_STRONG_CASES = {"a_3s": (3.0, 1), "b_10s": (10.0, 3), "c_23s": (23.3, 4)}
+
+
+def test_the_authors_as_strong_model_equals_their_code(tmp_path, monkeypatch):
+    """audiossl's FineTuningPLModule(FrameATSTPredModule) in the layout of its Lightning checkpoint
+    (tests/data/make_audiossl_finetuned_parity.py): the spectrogram of the clip itself, unpadded, as
+    their evaluation transform gives it; a 23.3 s clip in windows every 10 s. Within 1e-4; then
+    atst-detect runs it by name from the cache, with its median filter of 7 frames."""
+    path = tmp_path / "as_strong.ckpt"
+    torch.save(recipe_checkpoint("audiossl_as_strong_small"), path)
+    model = registry_stand_in("atst-frame-base-as-strong", path, tmp_path, monkeypatch, labels_file=None)
+    assert model.config.head_type == "strong" and model.config.num_classes == 12
+    assert model.config.detection == {"windows": "spectrogram", "hop_seconds": 10.0, "median": 7, "threshold": 0.5}
+    for case, (seconds, seed) in AS_STRONG_CASES.items():
+        strong, _, weak = model.get_event_probabilities(waveform(seconds, seed))
+        np.testing.assert_allclose(strong[0].numpy(), AS_STRONG_EXPECTED[f"{case}/strong"].T, atol=1e-4, rtol=0)
+    import soundfile
+
+    soundfile.write(tmp_path / "c.wav", waveform(23.3, 4), 16000, subtype="FLOAT")
+    result = CliRunner().invoke(detect, [str(tmp_path / "c.wav"), "--model", "atst-frame-base-as-strong", "--format",
+                                         "json", "-q"])
+    assert result.exit_code == 0, result.output
+    events = model.detect_events(str(tmp_path / "c.wav"), median=7)[0]
+    assert [(e["onset"], e["offset"], e["label"]) for e in json.loads(result.output)] == \
+        [(e.onset, e.offset, e.label) for e in events] and events
+
+
 # ------------------------------------------------------------------------------------------ ATST-SED
 SED_EXPECTED = np.load(DATA / "expected_atst_sed_small.npz")
 SED_CASES = {"a_4s": (4.0, 1, 1.0), "b_10s": (10.0, 3, 1.0), "c_23s": (23.3, 4, 1.0), "d_4s_quiet": (4.0, 5, 1e-3)}
@@ -117,14 +137,7 @@ def atst_sed(tmp_path, monkeypatch):
     its Lightning checkpoint (student and teacher; the teacher is run)."""
     path = tmp_path / "Stage2_wo_ext.ckpt"
     torch.save(recipe_checkpoint("atst_sed_small"), path)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with DownloadServer({path.name: path.read_bytes()}) as server:
-        entry = dataclasses.replace(REGISTRY["atst-sed-desed"], download_url=f"{server.url}/direct/{path.name}")
-        monkeypatch.setitem(REGISTRY, "atst-sed-desed", entry)
-        model = load_model("atst-sed-desed", device="cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return model
+    return registry_stand_in("atst-sed-desed", path, tmp_path, monkeypatch)
 
 
 def _windows_averaged(case: str, n_samples: int) -> np.ndarray:
@@ -177,3 +190,64 @@ def test_atst_sed_unites_each_windows_decisions(atst_sed):
     assert events and all(0 < e.score <= 1 for e in events)
     averaged = atst_sed.detect_events(audio, combine="average")[0]
     assert averaged != events  # the other way to combine windows gives other events here
+
+
+# ------------------------------------------------------------------------- a file downloaded by hand
+def test_a_file_downloaded_by_hand_becomes_the_named_model(checkpoint, tmp_path, monkeypatch):
+    """`atst-convert FILE --as NAME` (Google Drive refused the download): the file is converted with
+    NAME's settings into the cache where NAME is looked up; then it loads offline by name. Another
+    file for the same name, a file of another kind and an unknown name are one `error:` line each."""
+    import dataclasses
+
+    from atst_features.cli.tools import convert
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(REGISTRY, NAME, dataclasses.replace(REGISTRY[NAME], labels_file=None))
+    result = CliRunner().invoke(convert, [str(checkpoint), "--as", NAME])
+    assert result.exit_code == 0, result.output
+    assert f"installed {NAME}:" in result.output and checkpoint.exists()
+    model = load_model(NAME, device="cpu")
+    assert model.config.detection["median"] == 9 and model.config.frontend.clamp_db == (-50.0, 80.0)
+    strong, _, _ = model.get_event_probabilities(waveform(3.0, 1))
+    np.testing.assert_allclose(strong[0].numpy(), EXPECTED["a_3s/strong"].T[: len(strong[0])], atol=1e-4, rtol=0)
+
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in recipe_checkpoint("pretrainedsed_atst_frame_small").items()}, other)
+    result = CliRunner().invoke(convert, [str(other), "--as", NAME])
+    last = result.output.splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith(f"Error: {other}: sha256 ") and "differs from the first" in last
+    result = CliRunner().invoke(convert, [str(checkpoint), "--as", "atst-frame-base"])
+    assert result.exit_code == 1 and "holds an ATST-frame model with a frame-level head (strong), not the frame model 'atst-frame-base' names; not used (is it the right file?)" in result.output
+    result = CliRunner().invoke(convert, [str(checkpoint), "--as", "atst-nothing"])
+    assert result.exit_code == 1 and "'atst-nothing' is not a registry model with an official download" in result.output
+    result = CliRunner().invoke(convert, [str(checkpoint)])
+    assert result.exit_code == 2 and "give OUT_DIR, or --as NAME" in result.output
+
+
+def test_plots_of_many_classes_show_those_that_matter(detector, tmp_path):
+    """Above 10 classes (AudioSet detectors have hundreds), a plot draws the classes with events and
+    then the most probable, 10 in all."""
+    from atst_features.detection import detect_events
+    from atst_features.plots import MAX_PLOTTED_CLASSES, plot_events
+
+    audio = waveform(23.3, 4)
+    (events,), (probabilities,) = detect_events(detector, audio, threshold=0.6)
+    drawn = plot_events(detector, audio, tmp_path / "c.png", events=events, probabilities=probabilities)
+    assert len(detector.labels) == 12 and len(drawn) == MAX_PLOTTED_CLASSES
+    assert {e.label for e in events} <= set(drawn)
+    left_out = set(detector.labels) - set(drawn)
+    peaks = dict(zip(detector.labels, probabilities.max(axis=0)))
+    assert max(peaks[label] for label in left_out) <= min(peaks[label] for label in drawn if label not in {e.label for e in events})
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert plot_events(detector, audio, tmp_path / "again.png", threshold=0.6) == drawn  # computing them itself
+
+
+def test_a_class_the_model_lacks_is_one_line(atst_sed, tmp_path):
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", waveform(2.0, 1), 16000)
+    result = CliRunner().invoke(detect, [str(tmp_path / "a.wav"), "--model", "atst-sed-desed", "--threshold", "dog=0.3"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "unknown labels ['dog'] (did you mean 'dog' -> 'Dog'?); the model's labels are ['Alarm_bell_ringing', " \
+        in result.output

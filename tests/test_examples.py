@@ -69,3 +69,22 @@ def test_detect_events_example():
     assert "event-based (onset collar 0.2 s" in out and "s000.wav" not in out.split("event-based")[1]
     micro = float(out.split("event-based")[1].split("F1 micro ")[1].split(",")[0])
     assert micro >= 0.8
+
+
+def test_detect_events_atst_sed_example(tmp_path):
+    """Offline, on a random-weight stand-in in the layout of ATST-SED's checkpoint: installed once with
+    --checkpoint (as a file downloaded by hand), then loaded by name from the cache."""
+    import torch
+    from conftest import recipe_checkpoint
+
+    torch.save(recipe_checkpoint("atst_sed_small"), tmp_path / "Stage2_wo_ext.ckpt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    script = str(EXAMPLES / "detect_events_atst_sed.py")
+    first = run(script, "--checkpoint", str(tmp_path / "Stage2_wo_ext.ckpt"), "--out", str(tmp_path / "one"), env=env)
+    assert "installing" in first and "atst-sed-desed: 10 classes" in first and "'combine': 'union'" in first
+    again = run(script, "--out", str(tmp_path / "two"), env=env)  # the cache only
+    assert first.split("\n", 1)[1].replace("one", "two") == again
+    assert (tmp_path / "two" / "speech-demo-nogo.png").stat().st_size > 10_000
+    rows = (tmp_path / "two" / "events.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["filename", "onset", "offset", "event_label", "score"]
+    assert len(rows) - 1 == int(again.split("speech-demo-nogo.flac: ")[1].split()[0])

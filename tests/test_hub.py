@@ -231,7 +231,7 @@ def test_list_models():
     assert set(models) == {
         "atst-clip-small", "atst-clip-base", "atst-frame-small", "atst-frame-base", "atst-c2f-base",
         "atst-frame-base-desed", "atst-frame-mini", "atst-frame-base-as-strong-447", "atst-frame-base-as-strong",
-        "atst-sed-desed",
+        "atst-sed-desed", "atst-frame-base-as2m",
     }
     strong = models["atst-frame-base-as-strong-447"]
     assert strong.head == "strong" and strong.outputs == "events (447)" and strong.detection["windows"] == "audio"

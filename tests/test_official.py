@@ -141,7 +141,8 @@ def test_wrong_kind_is_not_cached(cache, tmp_path, monkeypatch):
 def test_drive_quota_page_and_missing_file(cache, monkeypatch):
     with DownloadServer({}) as server:
         official_entry(monkeypatch, "atst-frame-base", f"{server.url}/quota?id={DRIVE_ID}")
-        with pytest.raises(DownloadError, match=r"web page \('Google Drive - Quota exceeded'\).*load_model\('path"):
+        with pytest.raises(DownloadError, match=r"web page \('Google Drive - Quota exceeded'\).*browser and install it "
+                                                r"as 'atst-frame-base': atst-convert path/to/file --as atst-frame-base$"):
             load_model("atst-frame-base", device="cpu")
         official_entry(monkeypatch, "atst-frame-base", f"{server.url}/direct/missing.ckpt")
         with pytest.raises(DownloadError, match="HTTP 404"):

@@ -4,7 +4,7 @@ from . import errors as _errors
 from .errors import *  # noqa: F403 - the error family, listed in errors.__all__
 from .convert import convert_checkpoint
 from .hub import push_to_hub
-from .loading import load_model
+from .loading import install_checkpoint, load_model
 from .model import ATSTModel
 from .pretrained import save_pretrained
 from .registry import PretrainedModel, list_models
@@ -17,6 +17,7 @@ __all__ = [
     "convert_checkpoint",
     "get_clip_embedding",
     "get_frame_embeddings",
+    "install_checkpoint",
     "list_models",
     "load_model",
     "push_to_hub",

@@ -40,7 +40,12 @@ def per_class(value, labels: tuple[str, ...] | list[str], name: str) -> np.ndarr
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(labels) - {"*"})
         if unknown:
-            raise InputError(f"{name}: unknown labels {unknown}; the model's labels are {list(labels)}")
+            import difflib
+
+            close = {label: difflib.get_close_matches(label, labels, n=1, cutoff=0.5) for label in unknown}
+            hints = ", ".join(f"{label!r} -> {found[0]!r}" for label, found in close.items() if found)
+            raise InputError(f"{name}: unknown labels {unknown}{f' (did you mean {hints}?)' if hints else ''}; "
+                             f"the model's labels are {list(labels)}")
         missing = [label for label in labels if label not in value and "*" not in value]
         if missing:
             raise InputError(f"{name}: no value for {missing}; give one per label or a default ('*')")

@@ -14,11 +14,11 @@ from .files import is_model_folder
 from .hub import download, looks_like_repo_id
 from .model import ATSTModel
 from .precision import slow_precision_message
-from .official import fetch_official
+from .official import fetch_official, install_official
 from .pretrained import read_pretrained
-from .registry import DEFAULT_MODEL, REGISTRY
+from .registry import DEFAULT_MODEL, REGISTRY, official_entry
 
-__all__ = ["load_model", "read_source", "resolve_device", "resolve_dtype"]
+__all__ = ["install_checkpoint", "load_model", "read_source", "resolve_device", "resolve_dtype"]
 
 # A source with one of these suffixes is a file path, never a Hub id.
 CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
@@ -95,6 +95,17 @@ def read_source(
     raise ModelNotFoundError(
         f"{name!r} is not a file, a folder, a registry name ({', '.join(REGISTRY)}) or a Hub id (org/name)"
     )
+
+
+def install_checkpoint(name: str, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Install the official checkpoint of registry model ``name`` from a file you downloaded yourself
+    (in a browser, when Google Drive refuses): it is converted with the entry's settings (class names,
+    post-processing, front end) into the cache where ``load_model(name)`` looks, as a download would
+    be; returns the model folder. ``cache_dir``: as for :func:`load_model`."""
+    entry = official_entry(name)
+    if not Path(path).is_file():
+        raise CheckpointError(f"{str(path)!r}: no such checkpoint file")
+    return install_official(entry, path, cache_dir=cache_dir)
 
 
 def load_model(

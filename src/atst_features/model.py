@@ -271,25 +271,32 @@ class ATSTModel(nn.Module):
                 embedding = self._frame_pooling(waves, n_blocks, batch_size)
         return embedding.to(self.output_dtype)
 
-    def get_tag_logits(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
+    def get_tag_logits(self, audio, *, sample_rate: int | None = None, batch_size: int = 32, span: str = "all") -> Tensor:
         """Tagging logits ``[B, num_classes]``, in the order of :attr:`labels`: the head on the last
-        block's clip embedding (so, for long audio, the token-weighted mean of per-window logits for
-        ATST-Frame / C2F). Probabilities: :meth:`get_tag_probabilities`."""
+        block's clip embedding of the whole clip (so, for long audio, the token-weighted mean of
+        per-window logits for ATST-Frame / C2F), or with ``span="reference"`` of the part the
+        authors' fine-tuning code scores (the central 12 s; see :mod:`atst_features.tagging`).
+        Probabilities: :meth:`get_tag_probabilities`."""
+        from .tagging import clip_embedding_for_tagging
+
         if self.head_spec is not None and self.head_spec.level == "frame":
             raise InputError("an event-detection head gives probabilities, not logits: use get_tag_probabilities "
                              "(clip level) or get_event_probabilities (per 40 ms)")
         self.require_head("clip")
-        embedding = self.get_clip_embedding(audio, sample_rate=sample_rate, n_blocks=1, batch_size=batch_size)
+        waves, _ = self._prepare(audio, sample_rate)
         with self._inference():
-            return self.head(embedding)
+            return self.head(clip_embedding_for_tagging(self, waves, span, batch_size).to(self.output_dtype))
 
-    def get_tag_probabilities(self, audio, *, sample_rate: int | None = None, batch_size: int = 32) -> Tensor:
+    def get_tag_probabilities(self, audio, *, sample_rate: int | None = None, batch_size: int = 32,
+                              span: str = "all") -> Tensor:
         """Clip-level class probabilities ``[B, num_classes]``: :meth:`get_tag_logits` through a
         sigmoid (multi-label heads, C2F's) or a softmax (single-label); for an event head, its weak
         (attention-pooled) output over the whole clip."""
         if self.head_spec is not None and self.head_spec.level == "frame":
+            if span != "all":
+                raise InputError(f"span={span!r:.20} is for tagging heads; an event head pools the whole clip")
             return torch.stack(self.get_event_probabilities(audio, sample_rate=sample_rate, batch_size=batch_size)[2])
-        logits = self.get_tag_logits(audio, sample_rate=sample_rate, batch_size=batch_size).float()
+        logits = self.get_tag_logits(audio, sample_rate=sample_rate, batch_size=batch_size, span=span).float()
         return logits.sigmoid() if self.config.multi_label else logits.softmax(dim=-1)
 
     def get_event_probabilities(
@@ -448,10 +455,12 @@ class ATSTModel(nn.Module):
         if group:
             yield group
 
-    def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int) -> Tensor:
-        """ATST-Frame / C2F clip embedding: token-weighted means over all windows of each item."""
+    def _frame_pooling(self, waves: list[Tensor], n_blocks: int, batch_size: int, later_min_frames: int = 0) -> Tensor:
+        """ATST-Frame / C2F clip embedding: token-weighted means over the windows of each item (all of
+        them, or the first and those with more than ``later_min_frames`` frames)."""
         pooling = self._new_frame_pooling(len(waves), n_blocks)
-        for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size):
+        for windows, n_tokens, out in self._run_windows(waves, self.frame_window, n_blocks, batch_size,
+                                                        later_min_frames=later_min_frames):
             pooling.add(windows, n_tokens, out)
         return pooling.result()
 

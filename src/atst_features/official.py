@@ -4,7 +4,8 @@
 interruption, Google Drive's "can't scan this file for viruses" page confirmed), converts it to our
 folder format, checks the converted model's outputs against the checkpoint's, records the sha256
 of both files and deletes the checkpoint. Every later load verifies the converted weights against
-that record and makes no request (also offline). The cache sits beside the Hub cache::
+that record and makes no request (also offline). :func:`install_official` does the same with a file
+downloaded by hand (Google Drive refuses files downloaded too often). The cache sits beside the Hub cache::
 
     <Hub cache>/../atst-features-official/<name>/download.json   url, file name, sizes, sha256s, date
     <Hub cache>/../atst-features-official/<name>/model/          config.json, model.safetensors, README.md
@@ -31,11 +32,12 @@ from tqdm import tqdm
 
 from .convert import convert_checkpoint
 from .errors import ChecksumError, DownloadError
+from .heads import HEADS
 from .files import CONFIG_NAME, WEIGHTS_NAME, sha256_of, verify_sha256
 from .hub import cache_dir_of, offline
 from .registry import PACKAGED_HINT, PretrainedModel
 
-__all__ = ["fetch_official", "official_folder"]
+__all__ = ["fetch_official", "install_official", "official_folder"]
 
 RECORD_NAME = "download.json"
 MODEL_FOLDER = "model"
@@ -79,6 +81,20 @@ def fetch_official(
         return _convert(entry, home, checkpoint, file_name)
 
 
+def install_official(entry: PretrainedModel, checkpoint: str | os.PathLike, *,
+                     cache_dir: str | os.PathLike | None = None) -> Path:
+    """Put ``checkpoint``, the official file of ``entry`` downloaded by hand, where a download of it
+    goes: converted with the entry's settings (class names, post-processing, front end), checked, its
+    sha256 recorded; later loads of the name use it. The file itself is copied, not moved. A file that
+    differs from one installed or downloaded before is refused (:class:`ChecksumError`)."""
+    home = official_folder(entry, cache_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".lock")):
+        copy = home / PARTIAL_NAME
+        shutil.copyfile(checkpoint, copy)
+        return _convert(entry, home, copy, Path(checkpoint).name, origin=str(checkpoint))
+
+
 def _cached(home: Path) -> bool:
     return (home / RECORD_NAME).is_file() and (home / MODEL_FOLDER / CONFIG_NAME).is_file()
 
@@ -101,13 +117,15 @@ def _verified(home: Path) -> Path:
     return folder
 
 
-def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: str) -> Path:
+def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: str, origin: str | None = None) -> Path:
+    """Convert the fetched ``checkpoint`` (from ``origin``: the download URL, or the file installed)."""
+    origin = origin or entry.download_url
     source_sha256 = sha256_of(checkpoint)
     previous = _record(home) if (home / RECORD_NAME).is_file() else {}
     if previous.get("source_sha256") not in (None, source_sha256):
         checkpoint.unlink()
         raise ChecksumError(
-            f"{entry.download_url}: sha256 {source_sha256} differs from the first download's "
+            f"{origin}: sha256 {source_sha256} differs from the first download's "
             f"{previous['source_sha256']} (recorded in {str(home / RECORD_NAME)!r}): the file was replaced or altered "
             f"on its way; not used. If you trust the new file, delete {str(home)!r} and load again"
         )
@@ -122,11 +140,11 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
                                   config_overrides=entry.config_overrides())
         held = done.model.config.head_type if done.model.head is not None else None
         if done.model.kind != entry.kind or held != entry.head:
-            has = f" with a {held!r} head" if held else " with no head" if entry.head else ""
-            wanted = f" with a {entry.head!r} head" if entry.head else ""
+            has = f" with a {HEADS[held].title} ({held})" if held else " with no head" if entry.head else ""
+            wanted = f" with a {HEADS[entry.head].title} ({entry.head})" if entry.head else ""
             raise DownloadError(
-                f"{entry.download_url}: holds an ATST-{done.model.kind} model{has}, not the {entry.kind} model{wanted} "
-                f"{entry.name!r} names; not used (please report it)"
+                f"{origin}: holds an ATST-{done.model.kind} model{has}, not the {entry.kind} model{wanted} "
+                f"{entry.name!r} names; not used ({'please report it' if origin == entry.download_url else 'is it the right file?'})"
             )
         if (home / MODEL_FOLDER).exists():
             shutil.rmtree(home / MODEL_FOLDER)
@@ -192,7 +210,7 @@ def _fetch_once(opener, url: str, partial: Path, name: str) -> str:
             continue
         with response:
             if response.headers.get_content_type() == "text/html":
-                url = _confirmation_url(response.read(MAX_PAGE_BYTES).decode("utf-8", "replace"), response.url, url)
+                url = _confirmation_url(response.read(MAX_PAGE_BYTES).decode("utf-8", "replace"), response.url, url, name)
                 continue
             resumed = response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
             _stream(response, partial, have if resumed else 0, name)
@@ -225,7 +243,7 @@ _ATTRIBUTE = re.compile(r"\b(name|value)=\"([^\"]*)\"", re.I)
 _CONFIRM_LINK = re.compile(r"href=\"([^\"]*confirm=[^\"]*)\"", re.I)
 
 
-def _confirmation_url(page: str, page_url: str, url: str) -> str:
+def _confirmation_url(page: str, page_url: str, url: str, name: str) -> str:
     """Google Drive answers large files with a page asking to confirm ("can't scan this file for
     viruses"): a form of hidden fields (since 2024) or a link with a ``confirm=`` token (before)."""
     for action, body in _FORM.findall(page):
@@ -239,8 +257,8 @@ def _confirmation_url(page: str, page_url: str, url: str) -> str:
     title = re.search(r"<title>(.*?)</title>", page, re.S | re.I)
     raise DownloadError(
         f"{url} answered with a web page ({html.unescape(title.group(1)).strip()[:80] if title else 'no title'!r}), not "
-        "the file; Google Drive refuses files that were downloaded too often: try later, or download it in a "
-        "browser and load the file (load_model('path/to/file.ckpt'))"
+        f"the file; Google Drive refuses files that were downloaded too often: try later, or download it in a "
+        f"browser and install it as {name!r}: atst-convert path/to/file --as {name}"
     )
 
 

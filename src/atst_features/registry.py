@@ -12,12 +12,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .encoder import EncoderConfig
+from .errors import ModelNotFoundError
 from .files import WEIGHTS_NAME
 from .frontend import FrontendConfig
 from .heads import HEADS, label_file
 
 __all__ = ["ATST_CITATION", "ATST_SED_CITATION", "DEFAULT_MODEL", "HUB_ORGANISATION", "OFFLINE_MODEL", "PACKAGED_HINT",
-           "REGISTRY", "PretrainedModel", "list_models"]
+           "REGISTRY", "PretrainedModel", "list_models", "official_entry"]
 
 HUB_ORGANISATION = "atst-features"
 DEFAULT_MODEL = "atst-frame-base"
@@ -140,7 +141,9 @@ class PretrainedModel:
         return dict(items[:position] + [("embed_dim", self.embed_dim), ("depth", self.depth)] + items[position:])
 
 
-def _official(name: str, kind: str, size: str, source_url: str, description: str, download_url: str | None = None) -> PretrainedModel:
+def _official(name: str, kind: str, size: str, source_url: str, description: str, download_url: str | None = None,
+              license: str = "cc-by-4.0", **fields) -> PretrainedModel:
+    """An entry converted from its authors' download (not yet on the Hub); ``fields``: head, labels, ..."""
     return PretrainedModel(
         name=name,
         kind=kind,
@@ -150,10 +153,11 @@ def _official(name: str, kind: str, size: str, source_url: str, description: str
         revision=None,  # pinned to a commit once `atst-convert --push-to-hub` has published it
         sha256=None,
         num_bytes=None,
-        license="cc-by-4.0",
+        license=license,
         source_url=source_url,
         description=description,
         download_url=download_url,
+        **fields,
     )
 
 
@@ -210,24 +214,19 @@ REGISTRY: dict[str, PretrainedModel] = {
             num_bytes=346_657_710,
             license="unknown (third-party upload; ATST-SED code is MIT)",
             source_url="https://huggingface.co/igonzf/ATST-SED",
-            description="ATST-Frame base fine-tuned for sound event detection on DESED (ATST-SED)",
+            description="ATST-SED's ATST-Frame encoder alone (embeddings; superseded by atst-sed-desed, the whole detector)",
             citation=ATST_SED_CITATION,
         ),
-        PretrainedModel(
-            name="atst-sed-desed",
-            kind="frame",
-            size="base",
-            repo_id=f"{HUB_ORGANISATION}/atst-sed-desed",
-            filename=WEIGHTS_NAME,
-            revision=None,
-            sha256=None,
-            num_bytes=None,
-            license="mit",
-            source_url="https://github.com/Audio-WestlakeU/ATST-SED",
-            description="ATST-SED (DCASE 2023 task 4), stage 2 without external data: ATST-Frame base, a CNN and a "
-            "BiGRU, events of the 10 DESED classes every 64 ms",
-            citation=ATST_SED_CITATION,
+        _official(
+            "atst-sed-desed",
+            "frame",
+            "base",
+            "https://github.com/Audio-WestlakeU/ATST-SED",
+            "ATST-SED (DCASE 2023 task 4), stage 2 without external data: ATST-Frame base, a CNN and a BiGRU, events "
+            "of the 10 DESED classes every 64 ms",
             download_url="https://drive.google.com/uc?export=download&id=1yMv05N0Nz5mSzlQ4YBb_sqOjazPbPDhw",
+            license="mit",
+            citation=ATST_SED_CITATION,
             head="atst-sed",
             labels_file="desed",
             detection={"windows": "audio", "hop_seconds": 3.0, "threshold": 0.5, "combine": "union",
@@ -236,43 +235,44 @@ REGISTRY: dict[str, PretrainedModel] = {
                                   "Vacuum_cleaner": 6}},
             frontend={"clamp_db": [-50.0, 80.0]},
         ),
-        PretrainedModel(
-            name="atst-frame-base-as-strong-447",
-            kind="frame",
-            size="base",
-            repo_id=f"{HUB_ORGANISATION}/atst-frame-base-as-strong-447",
-            filename=WEIGHTS_NAME,
-            revision=None,
-            sha256=None,
-            num_bytes=None,
-            license="mit",
-            source_url="https://github.com/fschmid56/PretrainedSED",
-            description="ATST-Frame base fine-tuned on AudioSet-strong by PretrainedSED (Schmid et al., ICASSP 2025): "
-            "frame-level probabilities of 447 classes every 40 ms",
-            citation=PRETRAINED_SED_CITATION,
+        _official(
+            "atst-frame-base-as-strong-447",
+            "frame",
+            "base",
+            "https://github.com/fschmid56/PretrainedSED",
+            "ATST-Frame base fine-tuned on AudioSet-strong by PretrainedSED (Schmid et al., ICASSP 2025): frame-level "
+            "probabilities of 447 classes every 40 ms",
             download_url="https://github.com/fschmid56/PretrainedSED/releases/download/v0.0.1/ATST-F_strong_1.pt",
+            license="mit",
+            citation=PRETRAINED_SED_CITATION,
             head="strong",
             labels_file="audioset_strong_447",
             detection={"windows": "audio", "hop_seconds": 10.0, "median": 9, "threshold": 0.5},
             frontend={"clamp_db": [-50.0, 80.0]},
         ),
-        PretrainedModel(
-            name="atst-frame-base-as-strong",
-            kind="frame",
-            size="base",
-            repo_id=f"{HUB_ORGANISATION}/atst-frame-base-as-strong",
-            filename=WEIGHTS_NAME,
-            revision=None,
-            sha256=None,
-            num_bytes=None,
-            license="mit",
-            source_url="https://github.com/Audio-WestlakeU/audiossl/issues/12",
-            description="ATST-Frame base fine-tuned on AudioSet-strong by the ATST authors: frame-level probabilities "
-            "of 407 classes every 40 ms",
+        _official(
+            "atst-frame-base-as-strong",
+            "frame",
+            "base",
+            "https://github.com/Audio-WestlakeU/audiossl/issues/12",
+            "ATST-Frame base fine-tuned on AudioSet-strong by the ATST authors: frame-level probabilities of 407 "
+            "classes every 40 ms",
             download_url="https://drive.google.com/uc?export=download&id=1RWjnEnkDb-7fmNlqIcM-MovTnddOzLsh",
             head="strong",
             labels_file="audioset_strong_407",
-            detection={"windows": "audio", "hop_seconds": 10.0, "median": 7, "threshold": 0.5},
+            # their evaluation runs the spectrogram of the clip itself, unpadded (FreezingTransform)
+            detection={"windows": "spectrogram", "hop_seconds": 10.0, "median": 7, "threshold": 0.5},
+        ),
+        _official(
+            "atst-frame-base-as2m",
+            "frame",
+            "base",
+            "https://github.com/Audio-WestlakeU/ATST-SED",
+            "ATST-Frame base fine-tuned on AudioSet-2M by the ATST authors (atst_as2M.ckpt): tags of the 527 AudioSet "
+            "classes",
+            download_url="https://drive.google.com/uc?export=download&id=1_xb0_n3UNbUG_pH1vLHTviLfsaSfCzxz",
+            head="clip",
+            labels_file="audioset_labels",
         ),
         PretrainedModel(
             name=OFFLINE_MODEL,
@@ -291,6 +291,15 @@ REGISTRY: dict[str, PretrainedModel] = {
         ),
     )
 }
+
+
+def official_entry(name: str) -> PretrainedModel:
+    """The entry ``name`` if it has an official download, else :class:`ModelNotFoundError` listing those that do."""
+    entry = REGISTRY.get(str(name))
+    if entry is None or not entry.download_url:
+        named = ", ".join(other for other, e in REGISTRY.items() if e.download_url)
+        raise ModelNotFoundError(f"{str(name)!r} is not a registry model with an official download ({named})")
+    return entry
 
 
 def list_models() -> list[PretrainedModel]:

@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE
 from ..detection import frame_seconds
-from ..errors import InputError
 from .common import CONTEXT, MANIFEST_OPTION, find_items, head_command_options, model_with_head, one_line_errors, result_format
 from .runs import Run
 
@@ -39,36 +36,6 @@ def _per_label_option(text: str, cast, name: str):
     return values
 
 
-def _plot_events(model, waveform: np.ndarray, probabilities: np.ndarray, events, path: Path, title: str) -> None:
-    """Spectrogram, per-class (median-filtered) probabilities ``[T, C]`` and detected events of one file, as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
-    mel, _ = model.frontend(torch.from_numpy(waveform)[None].to(model.device))
-    seconds = len(waveform) / SAMPLE_RATE
-    labels = list(model.labels)
-    figure, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.2]})
-    axes[0].imshow(mel[0].cpu().numpy(), origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
-    axes[0].set(ylabel="mel bin", title=title)
-    times = (np.arange(len(probabilities)) + 0.5) * frame_seconds(model)
-    for c, label in enumerate(labels):
-        axes[1].plot(times, probabilities[:, c], label=label, linewidth=1.2)
-    axes[1].set(ylabel="probability", ylim=(0, 1))
-    axes[1].legend(loc="upper right", fontsize=7, ncol=min(len(labels), 4))
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    for event in events:
-        row = labels.index(event.label)
-        axes[2].barh(row, event.offset - event.onset, left=event.onset, color=colours[event.label], height=0.7)
-    axes[2].set(yticks=range(len(labels)), yticklabels=labels, xlabel="time (s)", xlim=(0, seconds), ylim=(-0.6, len(labels) - 0.4))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 @click.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1)
 @MANIFEST_OPTION
@@ -88,7 +55,8 @@ def _plot_events(model, waveform: np.ndarray, probabilities: np.ndarray, events,
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Also save a PNG per file here: spectrogram, probabilities and events.")
+              help="Also save a PNG per file here: spectrogram, probabilities (of at most 10 classes: those with "
+              "events, then the most probable) and events.")
 @click.option("--scores", "scores_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write each file's frame scores (the median-filtered probabilities) here, one TSV per file as "
               "sed_scores_eval reads them: atst-score --scores computes PSDS from them.")
@@ -105,6 +73,7 @@ def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, mi
     """
     from ..detection import detect_events, settings
     from ..events import per_class, write_events
+    from ..plots import plot_events
     from ..scoring import write_score_table
 
     threshold = _per_label_option(threshold, float, "--threshold") if threshold is not None else None
@@ -132,7 +101,8 @@ def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, mi
             if item in tables:
                 write_score_table(tables[item], filtered, model.labels, seconds, len(result) / SAMPLE_RATE)
             if plot_dir is not None:
-                _plot_events(model, result, filtered, found, plot_dir / f"{item.relative.stem}.png", str(item.relative))
+                plot_events(model, result, plot_dir / f"{item.relative.stem}.png", sample_rate=SAMPLE_RATE,
+                            title=str(item.relative), events=found, probabilities=filtered)
         except Exception as error:
             run.error(item, error)
             continue

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE
 from ..errors import NonFiniteError
+from ..tagging import SPANS
 from .common import CONTEXT, MANIFEST_OPTION, find_items, head_command_options, model_with_head, one_line_errors, result_format
 from .runs import Run
 
@@ -37,9 +38,9 @@ def _pieces(model, batch, per_window: bool) -> list[tuple[int, object, float, fl
             for start, end, piece in _windows(waveform, window)]
 
 
-def _tag_rows(model, pieces, top_k: int, batch_size: int) -> list[dict]:
+def _tag_rows(model, pieces, top_k: int, batch_size: int, span: str) -> list[dict]:
     probabilities = model.get_tag_probabilities([torch.from_numpy(np.ascontiguousarray(p)) for *_, p in pieces],
-                                                batch_size=batch_size).cpu()
+                                                batch_size=batch_size, span=span).cpu()
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     rows = []
     for (_, item, start, end, _), values, indices in zip(pieces, top.values.tolist(), top.indices.tolist()):
@@ -77,17 +78,21 @@ def _write_rows(rows: list[dict], fmt: str, stream) -> None:
               help="A model with a tagging head: a folder from atst-convert of a fine-tuned checkpoint, a C2F checkpoint, ...")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels per clip (or window).")
 @click.option("--per-window", is_flag=True, help="Tag each 10 s window instead of the whole clip.")
+@click.option("--span", type=click.Choice(SPANS), default="all", show_default=True,
+              help="What of each clip is pooled: all of it, or what the ATST authors' fine-tuning code scores "
+                   "(the central 12 s; to reproduce their outputs on long audio).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default=None,
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the results to this .csv or .json file.")
 @head_command_options
 @one_line_errors
-def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite, device, precision, batch_size, num_workers, quiet) -> None:
+def tag(inputs, manifest, model_name, top_k, per_window, span, fmt, output, overwrite, device, precision, batch_size, num_workers,
+        quiet) -> None:
     """Tag audio files: the top labels of a model's tagging head, with probabilities.
 
     INPUTS are audio files, folders or glob patterns, as for atst-embed. Any length: the clip's
     logits are the token-weighted mean of its 10 s windows' (ATST-Frame / C2F), or --per-window
-    lists each window. Probabilities: sigmoid for multi-label heads, softmax for single-label ones.
+    lists each window, or --span reference scores what the authors' code scores. Probabilities: sigmoid for multi-label heads, softmax for single-label ones.
     Exit status: 0 when every file was tagged, 1 when some failed, 2 for usage errors.
     """
     fmt = result_format(output, fmt, overwrite, ("csv", "json"))
@@ -100,7 +105,7 @@ def tag(inputs, manifest, model_name, top_k, per_window, fmt, output, overwrite,
     def flush(chunk) -> None:
         pieces = _pieces(model, chunk, per_window)
         try:
-            new = _tag_rows(model, pieces, top_k, batch_size)
+            new = _tag_rows(model, pieces, top_k, batch_size, span)
         except NonFiniteError as error:  # only the files whose clips gave NaN or Inf fail; the others run again
             rest = run.failed_non_finite(chunk, {pieces[index][0] for index in error.items}, error)
             if rest:

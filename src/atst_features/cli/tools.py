@@ -21,26 +21,45 @@ __all__ = ["convert", "export", "models", "score"]
 
 @click.command(context_settings=CONTEXT)
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--as", "registry_name", metavar="NAME",
+              help="SOURCE is registry model NAME's official file (downloaded by hand): convert it with NAME's settings; "
+                   "without OUT_DIR, install it where load_model(NAME) and --model NAME look.")
 @click.option("--push-to-hub", "repo_id", metavar="REPO_ID", help="Upload the folder to this Hub repository (org/name).")
 @click.option("--private", is_flag=True, help="Create the Hub repository as private.")
-@click.option("--license", "license_", default="cc-by-4.0", show_default=True, help="Licence written in the model card.")
+@click.option("--license", "license_", default=None, help="Licence written in the model card [default: cc-by-4.0, or NAME's].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @one_line_errors
-def convert(source: Path, out_dir: Path, repo_id: str | None, private: bool, license_: str, overwrite: bool) -> None:
+def convert(source: Path, out_dir: Path | None, registry_name: str | None, repo_id: str | None, private: bool,
+            license_: str | None, overwrite: bool) -> None:
     """Convert an ATST checkpoint SOURCE into an atst-features folder OUT_DIR.
 
     SOURCE: an official ATST-Frame / ATST-Clip Lightning checkpoint, the C2F distillation
     checkpoint, a fine-tuned, ATST-SED or bare encoder state dict. OUT_DIR gets config.json,
     model.safetensors (inference weights only) and a model card. The converted model's
     embeddings are checked to equal the source's before success is reported.
+
+    With --as NAME and no OUT_DIR, SOURCE becomes registry model NAME, as if downloaded: e.g. when
+    Google Drive refuses, `atst-convert Stage2_wo_ext.ckpt --as atst-sed-desed`, then `--model atst-sed-desed`.
     """
     from ..convert import convert_checkpoint
+    from ..loading import install_checkpoint
+    from ..registry import official_entry
 
+    entry = official_entry(registry_name) if registry_name is not None else None
+    if entry is None and out_dir is None:
+        raise click.UsageError("give OUT_DIR, or --as NAME to install SOURCE as registry model NAME")
+    click.echo(f"source  {source} ({source.stat().st_size:,} bytes)")
+    if out_dir is None:
+        if repo_id:
+            raise click.UsageError("--push-to-hub needs OUT_DIR")
+        folder = install_checkpoint(registry_name, source)
+        click.echo(f"installed {registry_name}: {folder}; load it with load_model({registry_name!r}) or --model {registry_name}")
+        return
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise click.UsageError(f"{str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
-    click.echo(f"source  {source} ({source.stat().st_size:,} bytes)")
-    done = convert_checkpoint(source, out_dir, license=license_, overwrite=overwrite)
+    done = convert_checkpoint(source, out_dir, license=license_ or (entry.license if entry else "cc-by-4.0"),
+                              overwrite=overwrite, config_overrides=entry.config_overrides() if entry else None)
     enc = done.model.config.encoder
     click.echo(f"  sha256 {done.source_sha256}")
     click.echo(f"  {done.layout}: {enc.embed_dim} wide, {enc.depth} blocks, {enc.n_prompts} prompt tokens")
@@ -119,7 +138,8 @@ def models(as_json: bool) -> None:
             f"{entry.clip_embedding_size():>6}  {where:<30} {entry.license}"
         )
     click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
-    click.echo("outputs: embeddings, or event probabilities (N classes) every 40 ms for atst-detect.")
+    click.echo("outputs: embeddings; events: probabilities of N classes every 40 ms (atst-sed-desed: 64 ms) for "
+               "atst-detect; tags: N clip-level probabilities for atst-tag.")
     click.echo("authors' ... / GitHub release: downloaded and converted once, on first use; then cached.")
 
 
