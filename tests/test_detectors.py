@@ -192,6 +192,24 @@ def test_atst_sed_unites_each_windows_decisions(atst_sed):
     assert averaged != events  # the other way to combine windows gives other events here
 
 
+def test_atst_detect_runs_atst_sed_by_name(atst_sed, tmp_path):
+    """`atst-detect FILE --model atst-sed-desed`, offline from the cache: its events, its score tables
+    (one row per 64 ms frame) and a plot of its 10 classes."""
+    import soundfile
+
+    soundfile.write(tmp_path / "c.wav", waveform(23.3, 4), 16000, subtype="FLOAT")
+    result = CliRunner().invoke(detect, [str(tmp_path / "c.wav"), "--model", "atst-sed-desed", "--format", "json", "-q",
+                                         "--scores", str(tmp_path / "scores"), "--plot", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    events = atst_sed.detect_events(str(tmp_path / "c.wav"))[0]
+    assert [(e["onset"], e["offset"], e["label"]) for e in json.loads(result.output)] == \
+        [(e.onset, e.offset, e.label) for e in events] and events
+    table = (tmp_path / "scores" / "c.tsv").read_text().splitlines()
+    assert table[0].split("\t") == ["onset", "offset", *atst_sed.labels] and len(table) - 1 == (1 + len(waveform(23.3, 4)) // 256) // 4
+    assert [float(x) for x in table[1].split("\t")[:2]] == [0.0, 0.064]
+    assert (tmp_path / "plots" / "c.png").stat().st_size > 10_000
+
+
 # ------------------------------------------------------------------------- a file downloaded by hand
 def test_a_file_downloaded_by_hand_becomes_the_named_model(checkpoint, tmp_path, monkeypatch):
     """`atst-convert FILE --as NAME` (Google Drive refused the download): the file is converted with
