@@ -85,14 +85,12 @@ def install_official(entry: PretrainedModel, checkpoint: str | os.PathLike, *,
                      cache_dir: str | os.PathLike | None = None) -> Path:
     """Put ``checkpoint``, the official file of ``entry`` downloaded by hand, where a download of it
     goes: converted with the entry's settings (class names, post-processing, front end), checked, its
-    sha256 recorded; later loads of the name use it. The file itself is copied, not moved. A file that
+    sha256 recorded; later loads of the name use it. The file itself is left as it is. A file that
     differs from one installed or downloaded before is refused (:class:`ChecksumError`)."""
     home = official_folder(entry, cache_dir)
     home.mkdir(parents=True, exist_ok=True)
     with FileLock(str(home / ".lock")):
-        copy = home / PARTIAL_NAME
-        shutil.copyfile(checkpoint, copy)
-        return _convert(entry, home, copy, Path(checkpoint).name, origin=str(checkpoint))
+        return _convert(entry, home, Path(checkpoint), Path(checkpoint).name, installed=True)
 
 
 def _cached(home: Path) -> bool:
@@ -117,22 +115,25 @@ def _verified(home: Path) -> Path:
     return folder
 
 
-def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: str, origin: str | None = None) -> Path:
-    """Convert the fetched ``checkpoint`` (from ``origin``: the download URL, or the file installed)."""
-    origin = origin or entry.download_url
+def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: str, installed: bool = False) -> Path:
+    """Convert ``checkpoint``: downloaded (moved into the cache, deleted once converted), or a file
+    the user ``installed`` (read where it is, kept)."""
+    origin = str(checkpoint) if installed else entry.download_url
     source_sha256 = sha256_of(checkpoint)
     previous = _record(home) if (home / RECORD_NAME).is_file() else {}
     if previous.get("source_sha256") not in (None, source_sha256):
-        checkpoint.unlink()
+        if not installed:
+            checkpoint.unlink()
         raise ChecksumError(
             f"{origin}: sha256 {source_sha256} differs from the first download's "
             f"{previous['source_sha256']} (recorded in {str(home / RECORD_NAME)!r}): the file was replaced or altered "
             f"on its way; not used. If you trust the new file, delete {str(home)!r} and load again"
         )
     # The server's file name (provenance) in a folder of its own: no name can clash with the cache's files.
-    named = home / SOURCE_FOLDER / file_name
-    named.parent.mkdir(exist_ok=True)
-    checkpoint.replace(named)
+    named = checkpoint if installed else home / SOURCE_FOLDER / file_name
+    if not installed:
+        named.parent.mkdir(exist_ok=True)
+        checkpoint.replace(named)
     staging = home / f".{MODEL_FOLDER}.{os.getpid()}"
     try:
         done = convert_checkpoint(named, staging, license=entry.license, overwrite=True, source_sha256=source_sha256,
@@ -144,13 +145,14 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
             wanted = f" with a {HEADS[entry.head].title} ({entry.head})" if entry.head else ""
             raise DownloadError(
                 f"{origin}: holds an ATST-{done.model.kind} model{has}, not the {entry.kind} model{wanted} "
-                f"{entry.name!r} names; not used ({'please report it' if origin == entry.download_url else 'is it the right file?'})"
+                f"{entry.name!r} names; not used ({'is it the right file?' if installed else 'please report it'})"
             )
         if (home / MODEL_FOLDER).exists():
             shutil.rmtree(home / MODEL_FOLDER)
         staging.rename(home / MODEL_FOLDER)
     finally:
-        shutil.rmtree(named.parent, ignore_errors=True)
+        if not installed:
+            shutil.rmtree(named.parent, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     record = {
         "name": entry.name,
