@@ -236,7 +236,13 @@ def test_a_file_downloaded_by_hand_becomes_the_named_model(checkpoint, tmp_path,
     last = result.output.splitlines()[-1]
     assert result.exit_code == 1 and last.startswith(f"Error: {other}: sha256 ") and "differs from the first" in last
     result = CliRunner().invoke(convert, [str(checkpoint), "--as", "atst-frame-base"])
-    assert result.exit_code == 1 and "holds an ATST-frame model with a frame-level head (strong), not the frame model 'atst-frame-base' names; not used (is it the right file?)" in result.output
+    assert result.exit_code == 1 and "holds an ATST-frame model with a frame-level head (strong), not the frame model 'atst-frame-base' names; not " \
+        "used (is it the right file?)" in result.output
+    result = CliRunner().invoke(convert, [str(checkpoint), "--as", "atst-sed-desed"])
+    assert result.exit_code == 1 and result.output.splitlines()[-1].endswith(
+        "not the frame model with an ATST-SED head (atst-sed) 'atst-sed-desed' names, expected as ATST-SED's Lightning "
+        "checkpoint (sed_teacher.atst_frame.atst.*, sed_teacher.cnn.*, sed_teacher.rnn.*, sed_teacher.dense.*); not used "
+        "(is it the right file?)")
     result = CliRunner().invoke(convert, [str(checkpoint), "--as", "atst-nothing"])
     assert result.exit_code == 1 and "'atst-nothing' is not a registry model with an official download" in result.output
     result = CliRunner().invoke(convert, [str(checkpoint)])

@@ -13,7 +13,7 @@ from conftest import waveform, write_audio
 from download_server import DownloadServer
 from hub_server import FakeHub
 
-from atst_features import ChecksumError, DownloadError, load_model, save_pretrained
+from atst_features import CheckpointError, ChecksumError, DownloadError, load_model, save_pretrained
 from atst_features.cli.embed import embed
 from atst_features.encoder import EncoderConfig
 from atst_features.files import sha256_of
@@ -132,7 +132,7 @@ def test_wrong_kind_is_not_cached(cache, tmp_path, monkeypatch):
     frame = tiny_checkpoint(tmp_path / "frame.ckpt", seed=4, kind="frame")
     with DownloadServer({"small.ckpt": frame.read_bytes()}) as server:
         entry = official_entry(monkeypatch, "atst-clip-small", f"{server.url}/direct/small.ckpt")
-        with pytest.raises(DownloadError, match="holds an ATST-frame model, not the clip model"):
+        with pytest.raises(CheckpointError, match="holds an ATST-frame model, not the clip model"):
             load_model("atst-clip-small", device="cpu")
         assert not (official_folder(entry) / "model").exists()
         assert not (official_folder(entry) / "download.json").exists()

@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
-from .checkpoints import build_model, read_checkpoint
+from .checkpoints import CheckpointContents, build_model, read_checkpoint
 from .errors import CheckpointError, InputError
 from .files import WEIGHTS_NAME, sha256_of
 from .model import ATSTModel
@@ -66,6 +67,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     source_sha256: str | None = None,
     config_overrides: dict | None = None,
+    check: Callable[[CheckpointContents], None] | None = None,
 ) -> Conversion:
     """Convert a checkpoint file (any layout :func:`~atst_features.load_model` reads) into a folder in
     our format at ``out_dir``, written beside it first and renamed into place once verified.
@@ -73,7 +75,9 @@ def convert_checkpoint(
     ``provenance``: extra fields for ``config.json`` (the source file's name, sha256, layout and
     hyperparameters are always recorded; ``source_sha256``: the file's digest when the caller has it
     already). ``config_overrides``: fields of the model's config to set that the checkpoint does not
-    hold (a registry entry's class names and detection settings). :class:`InputError` if ``out_dir``
+    hold (a registry entry's class names and detection settings); ``check``: called with what the
+    file holds before they are set, raises if it is not what the caller expects (a registry entry's
+    kind of model and head). :class:`InputError` if ``out_dir``
     is not empty and ``overwrite`` is false; :class:`CheckpointError` if the source is not a
     checkpoint, or not one the overrides fit.
     """
@@ -82,6 +86,8 @@ def convert_checkpoint(
         raise InputError(f"{str(out_dir)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     source_sha256 = source_sha256 or sha256_of(source)
     contents = read_checkpoint(source)
+    if check is not None:
+        check(contents)
     if config_overrides:
         try:
             contents.config = dataclasses.replace(contents.config, **config_overrides)

@@ -178,7 +178,8 @@ class HeadSpec:
     ``card``: its model card section, a template of ``{classes}``, ``{shown}`` (label names) and
     ``{activation}``. ``reads_audio``: the head also reads each window's waveform, so its model runs
     windows cut from the audio (:mod:`atst_features.detection`); ``detection``: detection settings
-    every model with this head takes unless its config says otherwise.
+    every model with this head takes unless its config says otherwise. ``layouts``: the checkpoint
+    layouts that hold this kind, in words, for messages about a file that holds another.
     """
 
     kind: str
@@ -193,6 +194,7 @@ class HeadSpec:
     card: str
     reads_audio: bool = False
     detection: dict = field(default_factory=dict)
+    layouts: str = "an atst-features model folder with such a head"
 
     def new(self, encoder, num_classes: int, norm: bool = False) -> nn.Module:
         """A freshly initialised head of this kind on ``encoder`` (an :class:`~atst_features.encoder.EncoderConfig`)."""
@@ -274,19 +276,26 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec("clip", "clip", lambda size, classes, norm: LinearHead(size, classes), marker="linear.weight",
                  optional_norm=False, title="tagging head", outputs="tag logits",
                  how_to_get="fine-tune one with atst-train finetune and export it with atst-convert, or use a C2F checkpoint",
-                 predict=lambda model, audio: model.get_tag_logits(audio), card=_TAGGING_CARD),
+                 predict=lambda model, audio: model.get_tag_logits(audio), card=_TAGGING_CARD,
+                 layouts="the ATST authors' fine-tuning checkpoint (encoder.encoder.*, head.norm.*, head.linear.*), "
+                 "C2F's (model.student.*, model.linear.*) or atst-train finetune's (model.encoder.*, model.head.*)"),
         HeadSpec("events", "frame", lambda size, classes, norm: EventHead(size, classes, norm=norm), marker="strong.weight",
                  optional_norm=True, title="event head", outputs="event probabilities",
                  how_to_get="train one with atst-train sed and export it with atst-convert",
-                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_DETECTION_CARD),
+                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_DETECTION_CARD,
+                 layouts="atst-train sed's checkpoint (model.encoder.*, model.head.*)"),
         HeadSpec("strong", "frame", lambda size, classes, norm: StrongHead(size, classes), marker="linear.weight",
                  optional_norm=False, title="frame-level head", outputs="event probabilities",
                  how_to_get="train one with atst-train sed and export it with atst-convert",
-                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_STRONG_CARD),
+                 predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_STRONG_CARD,
+                 layouts="PretrainedSED's state dict (model.atst.*, strong_head.*) or the ATST authors' AudioSet-strong "
+                 "checkpoint (encoder.encoder.*, head.linear.*)"),
         HeadSpec("atst-sed", "frame", _atst_sed_head, marker="dense.weight", optional_norm=False, title="ATST-SED head",
                  outputs="event probabilities", how_to_get="load atst-sed-desed (ATST-SED's stage-2 model)",
                  predict=lambda model, audio: model.get_event_probabilities(audio)[0][0], card=_ATST_SED_CARD,
-                 reads_audio=True, detection={"windows": "audio", "hop_seconds": 3.0}),
+                 reads_audio=True, detection={"windows": "audio", "hop_seconds": 3.0},
+                 layouts="ATST-SED's Lightning checkpoint (sed_teacher.atst_frame.atst.*, sed_teacher.cnn.*, "
+                 "sed_teacher.rnn.*, sed_teacher.dense.*)"),
     )
 }
 

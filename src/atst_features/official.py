@@ -31,13 +31,13 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from .convert import convert_checkpoint
-from .errors import ChecksumError, DownloadError
+from .errors import CheckpointError, ChecksumError, DownloadError
 from .heads import HEADS
 from .files import CONFIG_NAME, WEIGHTS_NAME, sha256_of, verify_sha256
 from .hub import cache_dir_of, offline
 from .registry import PACKAGED_HINT, PretrainedModel
 
-__all__ = ["fetch_official", "install_official", "official_folder"]
+__all__ = ["fetch_official", "holds_model_of", "install_official", "official_folder"]
 
 RECORD_NAME = "download.json"
 MODEL_FOLDER = "model"
@@ -93,6 +93,24 @@ def install_official(entry: PretrainedModel, checkpoint: str | os.PathLike, *,
         return _convert(entry, home, Path(checkpoint), Path(checkpoint).name, installed=True)
 
 
+def holds_model_of(entry: PretrainedModel, origin: str, hint: str):
+    """A ``check`` for :func:`~atst_features.convert.convert_checkpoint`: :class:`CheckpointError` unless
+    the file (from ``origin``) holds ``entry``'s kind of model and head, naming the layouts expected."""
+
+    def check(contents) -> None:
+        config = contents.config
+        held = config.head_type if config.num_classes else None
+        if config.kind == entry.kind and held == entry.head:
+            return
+        has = f" with {_a(HEADS[held].title)} ({held})" if held else " with no head" if entry.head else ""
+        wanted = f" with {_a(HEADS[entry.head].title)} ({entry.head})" if entry.head else ""
+        expected = f", expected as {HEADS[entry.head].layouts}" if entry.head else ""
+        raise CheckpointError(f"{origin}: holds an ATST-{config.kind} model{has}, not the {entry.kind} model{wanted} "
+                              f"{entry.name!r} names{expected}; not used ({hint})")
+
+    return check
+
+
 def _cached(home: Path) -> bool:
     return (home / RECORD_NAME).is_file() and (home / MODEL_FOLDER / CONFIG_NAME).is_file()
 
@@ -138,15 +156,8 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
     try:
         done = convert_checkpoint(named, staging, license=entry.license, overwrite=True, source_sha256=source_sha256,
                                   provenance={"source_url": entry.download_url, "registry_name": entry.name},
-                                  config_overrides=entry.config_overrides())
-        held = done.model.config.head_type if done.model.head is not None else None
-        if done.model.kind != entry.kind or held != entry.head:
-            has = f" with a {HEADS[held].title} ({held})" if held else " with no head" if entry.head else ""
-            wanted = f" with a {HEADS[entry.head].title} ({entry.head})" if entry.head else ""
-            raise DownloadError(
-                f"{origin}: holds an ATST-{done.model.kind} model{has}, not the {entry.kind} model{wanted} "
-                f"{entry.name!r} names; not used ({'is it the right file?' if installed else 'please report it'})"
-            )
+                                  config_overrides=entry.config_overrides(),
+                                  check=holds_model_of(entry, origin, "is it the right file?" if installed else "please report it"))
         if (home / MODEL_FOLDER).exists():
             shutil.rmtree(home / MODEL_FOLDER)
         staging.rename(home / MODEL_FOLDER)
@@ -167,6 +178,10 @@ def _convert(entry: PretrainedModel, home: Path, checkpoint: Path, file_name: st
     written.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     written.replace(home / RECORD_NAME)
     return home / MODEL_FOLDER
+
+
+def _a(words: str) -> str:
+    return f"{'an' if words[:1].lower() in 'aeio' else 'a'} {words}"
 
 
 # ------------------------------------------------------------------------------------------ HTTP

@@ -44,6 +44,7 @@ def convert(source: Path, out_dir: Path | None, registry_name: str | None, repo_
     """
     from ..convert import convert_checkpoint
     from ..loading import install_checkpoint
+    from ..official import holds_model_of
     from ..registry import official_entry
 
     entry = official_entry(registry_name) if registry_name is not None else None
@@ -59,7 +60,8 @@ def convert(source: Path, out_dir: Path | None, registry_name: str | None, repo_
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise click.UsageError(f"{str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
     done = convert_checkpoint(source, out_dir, license=license_ or (entry.license if entry else "cc-by-4.0"),
-                              overwrite=overwrite, config_overrides=entry.config_overrides() if entry else None)
+                              overwrite=overwrite, config_overrides=entry.config_overrides() if entry else None,
+                              check=holds_model_of(entry, str(source), "is it the right file?") if entry else None)
     enc = done.model.config.encoder
     click.echo(f"  sha256 {done.source_sha256}")
     click.echo(f"  {done.layout}: {enc.embed_dim} wide, {enc.depth} blocks, {enc.n_prompts} prompt tokens")
