@@ -79,8 +79,8 @@ def test_detection_uses_the_models_post_processing(detector, tmp_path):
 
 
 def test_class_names_in_the_order_of_the_outputs():
-    """PretrainedSED's 447 (its as_strong_train_classes: the display names sorted) and the ATST
-    authors' 407 (the mids of audiossl e584998's list, which their checkpoint's outputs follow)."""
+    """PretrainedSED's 447 (its as_strong_train_classes: the display names sorted), the ATST authors'
+    407 (the mids of audiossl e584998's list, which their checkpoint's outputs follow) and ATST-SED's 10."""
     names = label_file("audioset_strong_447")
     assert len(names) == len(set(names)) == 447 and list(names) == sorted(names)
     assert names[:2] == ("Accelerating, revving, vroom", "Air brake") and names[-1] == "Zipper (clothing)"
@@ -95,6 +95,10 @@ def test_class_names_in_the_order_of_the_outputs():
     assert mids[:2] == ["/m/032s66", "/m/01h3n"] and mids.index("/m/09x0r") == 118  # Speech
     assert label_file("audioset_strong_407")[118] == "Speech" and len(REGISTRY["atst-frame-base-as-strong"].labels) == 407
     assert len(REGISTRY[NAME].labels) == 447
+    # ATST-SED's train/local/classes_dict.py: its outputs' order
+    assert REGISTRY["atst-sed-desed"].labels == (
+        "Alarm_bell_ringing", "Blender", "Cat", "Dishes", "Dog", "Electric_shaver_toothbrush", "Frying", "Running_water",
+        "Speech", "Vacuum_cleaner")
 
 
 # ------------------------------------------------------------------ the ATST authors' 407-class model
