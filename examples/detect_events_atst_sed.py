@@ -8,7 +8,7 @@ too often that day: then download it in a browser (the link is in the README of
 github.com/Audio-WestlakeU/ATST-SED) and give it once with --checkpoint; it is installed as
 ``atst-sed-desed``, with that model's class names and post-processing, exactly as a download would be.
 
-With no AUDIO, the recording in examples/audio is used. Writes ``events.tsv`` and a PNG per file
+With no AUDIO, the recording that ships in the package (`example_audio()`) is used. Writes ``events.tsv`` and a PNG per file
 into --out (default: a new temporary folder).
 """
 
@@ -16,13 +16,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from atst_features import install_checkpoint, load_model
+from atst_features import example_audio, install_checkpoint, load_model
 from atst_features.detection import detect_events
 from atst_features.events import write_events
 from atst_features.plots import plot_events
 
 NAME = "atst-sed-desed"
-DEMO = Path(__file__).parent / "audio" / "speech-demo-nogo.flac"
+DEMO = example_audio()
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from atst_features import load_model
+from atst_features import example_audio, load_model
 from atst_features.audio import load_audio
 from atst_features.export import export_onnx
 
-EXAMPLE = Path(__file__).parent / "audio" / "speech-demo-nogo.flac"
+EXAMPLE = example_audio()
 RATE, N_FFT, HOP, N_MELS, F_MIN, F_MAX = 16000, 1024, 160, 64, 60.0, 7800.0
 DB_MIN, DB_MAX, TOP_DB = -79.6482, 50.6842, 80.0
 WINDOW_FRAMES = 1000  # 10 s: the positional table's 250 tokens x 4 frames

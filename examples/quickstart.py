@@ -4,17 +4,16 @@
 
 MODEL: a registry name (default atst-frame-mini, packaged: no download), a model folder or an
 official checkpoint file (see the README's "Models"). AUDIO_FILE: any file libsndfile reads (WAV,
-FLAC, OGG, MP3, ...); default: examples/audio/speech-demo-nogo.flac (10.5 s of speech at 8 kHz,
-CC BY-SA 3.0, see examples/audio/LICENSE.md).
+FLAC, OGG, MP3, ...); default: the recording that ships in the package, `example_audio()` (10.5 s of
+speech at 8 kHz, CC BY-SA 3.0, see atst_features/data/audio/LICENSE.md).
 """
 
 import sys
-from pathlib import Path
 
-from atst_features import get_clip_embedding, get_frame_embeddings, load_model
+from atst_features import example_audio, get_clip_embedding, get_frame_embeddings, load_model
 
 source = sys.argv[1] if len(sys.argv) > 1 else "atst-frame-mini"
-audio = sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).parent / "audio" / "speech-demo-nogo.flac")
+audio = sys.argv[2] if len(sys.argv) > 2 else example_audio()
 
 model = load_model(source)  # CUDA when available, else CPU
 print(f"{model.kind} model, width {model.embed_dim}, {model.depth} blocks, on {model.device}")

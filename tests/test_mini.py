@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from atst_features import ChecksumError, DownloadError, load_model
+from atst_features import ChecksumError, DownloadError, example_audio, load_model
 from atst_features import hub
 from atst_features.cli.embed import embed
 from atst_features.files import sha256_of
 from atst_features.registry import OFFLINE_MODEL, REGISTRY
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "audio" / "speech-demo-nogo.flac"
+EXAMPLE = example_audio()
 FIXTURE = Path(__file__).parent / "data" / "expected_atst_frame_mini.npz"
 
 

@@ -3,6 +3,7 @@
 from . import errors as _errors
 from .errors import *  # noqa: F403 - the error family, listed in errors.__all__
 from .convert import convert_checkpoint
+from .example import example_audio
 from .hub import push_to_hub
 from .loading import install_checkpoint, load_model
 from .model import ATSTModel
@@ -15,6 +16,7 @@ __all__ = [
     "ATSTModel",
     "PretrainedModel",
     "convert_checkpoint",
+    "example_audio",
     "get_clip_embedding",
     "get_frame_embeddings",
     "install_checkpoint",
