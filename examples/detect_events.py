@@ -1,15 +1,17 @@
 """Train a sound event detector on strongly labelled scenes, detect events in new audio, score them (CPU).
 
-    python examples/detect_events.py [AUDIO_FOLDER STRONG_TSV]
+    python examples/detect_events.py [AUDIO_FOLDER STRONG_TSV] [--out DIR]
 
 With no arguments, scenes of three synthetic classes (beep, buzz, hiss) are written to a temporary
 folder: 48 for training and 12 for testing. With your own data, give the audio folder and its
 DESED-style TSV (filename, onset, offset, event_label); then detection runs on the training audio.
-Paper-scale runs use the sed-desed / sed-as-strong presets on a GPU (README, "Sound event detection").
+The events (``events.tsv``) and a plot per file go to --out (default: a new temporary folder, kept);
+the training data and the model are removed at the end.
+Paper-scale runs use the sed-desed / sed-as-strong presets on a GPU (docs/sound-event-detection.md).
 """
 
+import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -45,9 +47,23 @@ def write_scenes(root: Path, count: int, seconds: float, seed: int) -> None:
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="atst-sed-"))
-    if len(sys.argv) > 2:
-        audio, strong = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="*", type=Path, help="AUDIO_FOLDER STRONG_TSV (default: synthetic scenes)")
+    parser.add_argument("--out", type=Path, help="folder for events.tsv and the plots (default: a new temporary folder)")
+    args = parser.parse_args()
+    if len(args.data) not in (0, 2):
+        parser.error("give both AUDIO_FOLDER and STRONG_TSV, or neither")
+    out = args.out or Path(tempfile.mkdtemp(prefix="atst-sed-"))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="atst-sed-work-") as scratch:
+        train_detect_score(Path(scratch), args.data, out)
+    print(f"events: {out / 'events.tsv'}, plots: {out / 'plots'}")
+
+
+def train_detect_score(work: Path, data: list[Path], out: Path) -> None:
+    """Train on ``data`` (or synthetic scenes written into ``work``), detect into ``out``, score."""
+    if data:
+        audio, strong = data[0].resolve(), data[1].resolve()
         test_audio, test_strong = audio, strong
     else:
         write_scenes(work / "train", 48, 5.0, seed=0)
@@ -61,10 +77,9 @@ def main() -> None:
     best = sorted((work / "runs/sed-tiny/checkpoints").glob("epoch=*.ckpt"))[0]
     # 2. Export, 3. detect (a table per file, a TSV, a plot per file), 4. score.
     subprocess.run(["atst-convert", str(best), "detector"], **quiet)
-    subprocess.run(["atst-detect", str(test_audio), "--model", str(work / "detector"), "-o", str(work / "events.tsv"),
-                    "--plot", str(work / "plots"), "-q"], check=True)
-    subprocess.run(["atst-score", str(test_strong), str(work / "events.tsv")], check=True)
-    print(f"events: {work / 'events.tsv'}, plots: {work / 'plots'}")
+    subprocess.run(["atst-detect", str(test_audio), "--model", str(work / "detector"), "-o", str(out / "events.tsv"),
+                    "--plot", str(out / "plots"), "-q"], check=True)
+    subprocess.run(["atst-score", str(test_strong), str(out / "events.tsv")], check=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@
 
 The data: a CSV with ``path,label`` (optional ``split`` and ``group``), or ``root/<label>/*.wav``.
 Without one, 40 synthetic clips of two classes (chirps and knocks) are written to a temporary
-folder. Paper-scale runs use the ``finetune-*`` presets on a GPU machine (see the README's
-"Downstream" section).
+folder. Paper-scale runs use the ``finetune-*`` presets on a GPU machine (see docs/downstream.md).
 """
 
 import subprocess
@@ -18,7 +17,8 @@ import soundfile
 
 from atst_features import load_model
 
-work = Path(tempfile.mkdtemp(prefix="atst-finetune-"))
+scratch = tempfile.TemporaryDirectory(prefix="atst-finetune-")  # removed when the script ends
+work = Path(scratch.name)
 if len(sys.argv) > 1:
     data = Path(sys.argv[1])
 else:

@@ -15,7 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
+
+try:
+    import onnxruntime
+    import onnxscript  # noqa: F401  (export_onnx's)
+except ImportError:
+    sys.exit('error: this example needs the onnx extra: pip install -e ".[onnx]" (in the atst-features checkout)')
 
 from atst_features import example_audio, load_model
 from atst_features.audio import load_audio

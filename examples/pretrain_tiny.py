@@ -3,7 +3,7 @@
     python examples/pretrain_tiny.py [AUDIO_FOLDER]
 
 Without AUDIO_FOLDER, 24 synthetic clips are written to a temporary folder. For real runs use a
-paper preset (atst-train --list-presets) on a GPU machine; see the README's "Training" section.
+paper preset (atst-train --list-presets) on a GPU machine; see docs/training.md.
 """
 
 import subprocess
@@ -16,7 +16,13 @@ import soundfile
 
 from atst_features import load_model
 
-work = Path(tempfile.mkdtemp(prefix="atst-tiny-"))
+try:
+    import lightning  # noqa: F401  (atst-train's; checked here, so that without it this is one line)
+except ImportError:
+    sys.exit('error: this example needs the train extra: pip install -e ".[train]" (in the atst-features checkout)')
+
+scratch = tempfile.TemporaryDirectory(prefix="atst-tiny-")  # removed when the script ends
+work = Path(scratch.name)
 if len(sys.argv) > 1:
     audio = Path(sys.argv[1])
 else:

@@ -3,7 +3,7 @@
     python examples/quickstart.py [MODEL] [AUDIO_FILE]
 
 MODEL: a registry name (default atst-frame-mini, packaged: no download), a model folder or an
-official checkpoint file (see the README's "Models"). AUDIO_FILE: any file libsndfile reads (WAV,
+official checkpoint file (see docs/models.md). AUDIO_FILE: any file libsndfile reads (WAV,
 FLAC, OGG, MP3, ...); default: the recording that ships in the package, `example_audio()` (10.5 s of
 speech at 8 kHz, CC BY-SA 3.0, see atst_features/data/audio/LICENSE.md).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,27 @@ def _private_cache(tmp_path_factory):
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_are_cleaned_up(tmp_path_factory):
+    """The system's temporary folder, for this process (tempfile) and its subprocesses (TMPDIR), is
+    a watched folder of the session; whatever is left in it at the end fails the run. Tests write
+    into their own ``tmp_path``; the library and the examples remove what they put there."""
+    tmp_path_factory.getbasetemp()  # pytest's own folders stay where pytest keeps them
+    watched = tmp_path_factory.mktemp("system-temp", numbered=False)
+    patch = pytest.MonkeyPatch()
+    for variable in ("TMPDIR", "TEMP", "TMP"):
+        patch.setenv(variable, str(watched))
+    patch.setattr(tempfile, "tempdir", str(watched))
+    # torch._dynamo's import (ONNX export) makes its cache folder in the temporary folder unless told where
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+    yield
+    patch.undo()
+    # onnxruntime writes a session id into the temporary folder when imported, outside our control
+    left = sorted(path.name for path in watched.iterdir() if path.name != ".ses")
+    if left:
+        pytest.fail(f"left in the temporary folder by the suite ({watched}): {', '.join(left)}", pytrace=False)
 
 
 def recipe_state_dict(fmt: str, only_prefix: str = "") -> dict[str, torch.Tensor]:

@@ -161,6 +161,7 @@ def test_unicode_and_spaces(tmp_path):
 
 
 # ------------------------------------------------------------------ resampled input embeds like 16 kHz
+@pytest.mark.slow
 @pytest.mark.parametrize("rate, floor", [(22050, 0.9999), (44100, 0.9999), (48000, 0.9999), (96000, 0.9999), (8000, 0.999)])
 def test_resampled_files_embed_like_16k(frame_small, tmp_path, rate, floor):
     """The same audio stored at another rate embeds (almost) as at 16 kHz. At 8 kHz everything above

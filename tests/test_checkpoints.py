@@ -59,6 +59,7 @@ def test_official_clip_checkpoint(clip_small_ckpt):
     "prefix",
     ["", "module.", "module.backbone.", "encoder.encoder.", "encoder.encoder.frame_encoder.", "atst_frame.atst."],
 )
+@pytest.mark.slow
 def test_encoder_layouts(tmp_path, frame_encoder_state, frame_reference, prefix):
     state = {prefix + k: v for k, v in frame_encoder_state.items()}
     if prefix == "atst_frame.atst.":  # ATST-SED: the encoder sits inside a larger model

@@ -18,6 +18,7 @@ from atst_features.files import sha256_of
 AUDIO = waveform(12.0, 41)
 
 
+@pytest.mark.slow
 def test_convert_round_trip(frame_small_ckpt, frame_small, tmp_path):
     out = tmp_path / "atst-frame-small"
     result = CliRunner().invoke(convert, [str(frame_small_ckpt), str(out)])
@@ -34,6 +35,7 @@ def test_convert_round_trip(frame_small_ckpt, frame_small, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["atst-frame-small"]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_converted_full_training_checkpoint_is_small(clip_small_ckpt, tmp_path):
     """A full official training checkpoint (student, teacher, projectors, predictor, optimizer state)."""
     full = recipe_checkpoint("atst_clip_small")
@@ -53,6 +55,7 @@ def test_converted_full_training_checkpoint_is_small(clip_small_ckpt, tmp_path):
     assert ratio_plain < 0.6, ratio_plain  # student + teacher + heads, without optimizer state
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite(frame_small_ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -76,6 +79,7 @@ def test_convert_bad_source_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_convert_push_to_hub(frame_small_ckpt, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -111,9 +115,9 @@ def test_models_command():
         assert name in result.output
     lines = {line.split()[0]: " ".join(line.split()[1:]) for line in result.output.splitlines() if line.startswith("atst-")}
     assert lines["atst-frame-mini"] == "frame mini embeddings 1536 1536 (ships in the package) cc-by-sa-4.0"
-    assert lines["atst-frame-base"] == "frame base embeddings 9216 9216 authors' Google Drive cc-by-4.0"
+    assert lines["atst-frame-base"] == "(default) frame base embeddings 9216 9216 authors' Google Drive cc-by-4.0"
     assert lines["atst-clip-base"] == "clip base embeddings 9216 18432 authors' Aliyun link cc-by-4.0"
-    assert lines["atst-c2f-base"] == "c2f base embeddings 9216 9216 atst-features/atst-c2f-base cc-by-4.0"
+    assert lines["atst-c2f-base"] == "c2f base tags (527) 9216 9216 none yet: load its checkpoint cc-by-4.0"
     assert lines["atst-frame-base-as-strong-447"] == "frame base events (447) 9216 9216 GitHub release mit"
     listed = json.loads(CliRunner().invoke(models, ["--json"]).output)
     assert {entry["name"] for entry in listed} >= {"atst-frame-base", "atst-frame-base-desed"}

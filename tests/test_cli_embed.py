@@ -189,11 +189,12 @@ def test_usage_errors_exit_2(tmp_path, frame_small_ckpt, args, message):
 def test_bad_model_is_one_line(tmp_path):
     write_audio(tmp_path / "a.wav", 0.5, 1)
     result = CliRunner().invoke(embed, [str(tmp_path / "a.wav"), "--model", str(tmp_path / "missing.ckpt")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a model source that names nothing is a usage error
     assert result.output.strip().splitlines()[-1].startswith("Error: ") and "missing.ckpt" in result.output
     assert not (tmp_path / "a.npz").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_atst_embed(tmp_path, frame_small_ckpt):
     path = tmp_path / "a b.wav"
     write_audio(path, 1.0, 5)
@@ -209,6 +210,7 @@ def test_python_dash_m_is_atst_embed(tmp_path, frame_small_ckpt):
     assert usage.returncode == 0 and usage.stdout.startswith("Usage: atst-embed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
 def test_long_files_are_streamed_to_disk(tmp_path, frame_small_ckpt, frame_small, monkeypatch, fmt):
     monkeypatch.setattr(pipeline, "STREAM_BYTES", 0)  # stream every file
@@ -234,6 +236,7 @@ def test_long_files_are_streamed_to_disk(tmp_path, frame_small_ckpt, frame_small
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no leftovers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, jobs", [(signal.SIGTERM, "1"), (signal.SIGKILL, "1"), (signal.SIGTERM, "2")])
 def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, how, jobs):
     data = tmp_path / "data"
@@ -267,6 +270,7 @@ def test_interrupted_run_leaves_only_complete_files(tmp_path, frame_small_ckpt, 
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_symlink_loops_fifos_and_long_names(tmp_path, frame_small_ckpt):
     data = tmp_path / "data"
     write_audio(data / "a.wav", 0.5, 0)
@@ -309,6 +313,7 @@ def test_names_that_are_not_utf8(tmp_path, frame_small_ckpt):
     assert os.listdir(tmp_path / "out") == [b"caf\xe9.npz".decode("utf-8", "surrogateescape")]
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_never_show_a_torn_output(tmp_path, frame_small_ckpt):
     data = tmp_path / "data"
     for index in range(12):
@@ -327,6 +332,7 @@ def test_two_concurrent_runs_never_show_a_torn_output(tmp_path, frame_small_ckpt
     assert reads > 0 and len(list(out.glob("*.npz"))) == 12 and not list(out.glob(".*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
 def test_full_disk_is_one_line_per_file_in_every_format(tmp_path, frame_small_ckpt, fmt):
     """Writes fail in the kernel (a file-size limit: EFBIG, as ENOSPC on a full disk): each file gets
@@ -404,12 +410,13 @@ def test_bad_shard_is_a_usage_error(tmp_path, frame_small_ckpt, five_files, shar
     assert result.exit_code == 2 and "--shard takes K/N" in result.output
 
 
+@pytest.mark.slow
 def test_torchrun_processes_split_the_inputs(tmp_path, frame_small_ckpt, five_files):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run(str(five_files), "-d", str(whole), model=frame_small_ckpt).exit_code == 0
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "atst_features", str(five_files), "-d", str(split),
+        [torchrun, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "torchrun"), "-m", "atst_features", str(five_files), "-d", str(split),
          "--model", str(frame_small_ckpt), "--device", "cpu", "--num-workers", "1"],
         capture_output=True, text=True, timeout=300,
     )
@@ -418,6 +425,7 @@ def test_torchrun_processes_split_the_inputs(tmp_path, frame_small_ckpt, five_fi
     _assert_same_outputs(whole, split)
 
 
+@pytest.mark.slow
 def test_jobs_together_equal_one_run(tmp_path, frame_small_ckpt, five_files):
     (five_files / "broken.wav").write_text("not audio")
     whole, jobs = tmp_path / "whole", tmp_path / "jobs"
@@ -450,6 +458,7 @@ def _job_processes(parent: int) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the jobs through Linux's /proc")
 def test_a_killed_job_ends_the_run_with_one_line(tmp_path, frame_small_ckpt):
     data = tmp_path / "data"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile
 from conftest import waveform
 
@@ -29,6 +30,7 @@ def test_quickstart_offline_with_packaged_model(tmp_path):
     assert not (tmp_path / "hub").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_checkpoint_and_audio_file(clip_small_ckpt, tmp_path):
     path = tmp_path / "speech.flac"
     soundfile.write(path, waveform(2.0, 3), 16000)
@@ -41,19 +43,19 @@ def test_quickstart_checkpoint_and_audio_file(clip_small_ckpt, tmp_path):
 def needs_atst_train() -> None:
     import shutil
 
-    import pytest
-
     pytest.importorskip("lightning")
     if not shutil.which("atst-train"):
         pytest.skip("atst-train is not installed as a command")
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_example():
     needs_atst_train()
     out = run(str(EXAMPLES / "pretrain_tiny.py"))
     assert "trained model: width 64, 2 blocks; frames (1, " in out
 
 
+@pytest.mark.slow
 def test_finetune_and_tag_example():
     needs_atst_train()
     out = run(str(EXAMPLES / "finetune_and_tag.py"))
@@ -63,14 +65,17 @@ def test_finetune_and_tag_example():
     assert tagged[0].split()[1] == Path(clip).parent.name
 
 
-def test_detect_events_example():
+@pytest.mark.slow
+def test_detect_events_example(tmp_path):
     needs_atst_train()
-    out = run(str(EXAMPLES / "detect_events.py"))
+    out = run(str(EXAMPLES / "detect_events.py"), "--out", str(tmp_path))
+    assert (tmp_path / "events.tsv").is_file() and len(list((tmp_path / "plots").glob("*.png"))) == 12
     assert "event-based (onset collar 0.2 s" in out and "s000.wav" not in out.split("event-based")[1]
     micro = float(out.split("event-based")[1].split("F1 micro ")[1].split(",")[0])
     assert micro >= 0.8
 
 
+@pytest.mark.slow
 def test_detect_events_atst_sed_example(tmp_path):
     """Offline, on a random-weight stand-in in the layout of ATST-SED's checkpoint: installed once with
     --checkpoint (as a file downloaded by hand), then loaded by name from the cache."""

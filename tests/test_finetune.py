@@ -188,6 +188,7 @@ def test_centre_crop_takes_the_middle():
 
 
 # ------------------------------------------------------------------------------------------ features
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["frame_small_ckpt", "clip_small_ckpt"])
 def test_training_feature_equals_the_inference_clip_embedding(fixture, request):
     source = str(request.getfixturevalue(fixture))
@@ -219,6 +220,7 @@ def finetuned(two_classes, tmp_path_factory):
     return run, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_finetuning_the_tiny_preset_learns_two_classes(finetuned):
     run, seconds = finetuned
     with open(run / "runs/finetune-tiny/csv/version_0/metrics.csv") as stream:
@@ -233,6 +235,7 @@ def test_finetuning_the_tiny_preset_learns_two_classes(finetuned):
     assert checkpoint["hyper_parameters"]["labels"] == ["tone", "noise"]
 
 
+@pytest.mark.slow
 def test_export_and_atst_tag_round_trip(finetuned, two_classes, tmp_path):
     run, _ = finetuned
     best = next((run / "runs/finetune-tiny/checkpoints").glob("epoch=*.ckpt"))
@@ -330,6 +333,7 @@ def one_corrupt_clip(two_classes, tmp_path):
     return tmp_path / "set.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_atst_train_names_an_unreadable_clip_in_one_line(one_corrupt_clip, workers, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

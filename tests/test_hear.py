@@ -39,6 +39,7 @@ def test_model_attributes(hear_model):
     assert hear_model.timestamp_embedding_size == 12 * 384
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", range(1, 17))
 def test_validator_checks_over_batch_sizes(frame_or_clip, batch):
     seconds = LENGTHS[batch % len(LENGTHS)]
@@ -92,6 +93,7 @@ def test_timestamps_are_token_centres(clip_small_ckpt):
         assert abs(timestamps[0, loudest].item() - click_ms) <= 20.0
 
 
+@pytest.mark.slow
 def test_model_options(frame_small_ckpt):
     model = hear.load_model(str(frame_small_ckpt), n_blocks=1)
     assert model.scene_embedding_size == model.timestamp_embedding_size == 384
@@ -113,6 +115,7 @@ def test_no_gradients_and_device_moves(frame_small_ckpt):
     assert not hear.get_scene_embeddings(audio, model).requires_grad
 
 
+@pytest.mark.slow
 def test_equal_to_the_library(frame_small_ckpt, frame_small):
     model = hear.load_model(str(frame_small_ckpt))
     audio = noise(3, 2.0)

@@ -206,6 +206,7 @@ def test_registry_checksum(hub, tmp_path, registry_entry):
         load_model("test-bad", device="cpu")
 
 
+@pytest.mark.slow
 def test_registry_third_party_checkpoint(hub, tmp_path, registry_entry, frame_small_ckpt):
     """A registry entry pointing at a checkpoint file (as atst-frame-base-desed does), sha256-verified."""
     checkpoint = torch.load(frame_small_ckpt, weights_only=True)

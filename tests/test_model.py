@@ -24,6 +24,7 @@ def test_public_api():
         assert hasattr(atst_features, name)
 
 
+@pytest.mark.slow
 def test_list_of_lengths_equals_one_by_one(model):
     lengths = [0.7, 3.3, 10.0, 12.5, 0.03]
     items = [waveform(seconds, seed) for seed, seconds in enumerate(lengths)]
@@ -51,6 +52,7 @@ def assert_clip_close(model, actual, desired):
     assert (actual[:, 1] - desired[:, 1]).abs().max().item() <= 1e-6 * scale
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_results(frame_small):
     items = [waveform(seconds, seed) for seed, seconds in enumerate([21.0, 4.0, 9.99])]
     big = frame_small.get_frame_embeddings(items, n_blocks=1)[0]
@@ -82,6 +84,7 @@ def test_one_sample_input_works(frame_small):
     assert emb.shape[1] == 1 and torch.isfinite(emb).all()
 
 
+@pytest.mark.slow
 def test_silence_gives_no_nan(model):
     silence = np.zeros((2, 16_000 * 3), dtype=np.float32)
     emb, timestamps = model.get_frame_embeddings(silence)
@@ -105,6 +108,7 @@ def test_sizes_per_kind(frame_small, clip_small, frame_prompt):
     assert frame_prompt.clip_embedding_size(1) == 2 * 384
 
 
+@pytest.mark.slow
 def test_functions_equal_methods(frame_small):
     audio = waveform(1.5, 4)
     emb, stamps = get_frame_embeddings(audio, frame_small, n_blocks=3)
@@ -113,6 +117,7 @@ def test_functions_equal_methods(frame_small):
     assert torch.equal(get_clip_embedding(audio, frame_small), frame_small.get_clip_embedding(audio))
 
 
+@pytest.mark.slow
 def test_tensor_array_and_dtypes_agree(frame_small):
     audio = waveform(1.0, 5)
     from_numpy = frame_small.get_clip_embedding(audio)
@@ -245,6 +250,7 @@ def test_cuda_matches_cpu(frame_small_ckpt):
     torch.testing.assert_close(emb.cpu(), ref, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_iter_frame_embeddings_equals_get_frame_embeddings(frame_small):
     audio = waveform(31.0, 14)
     whole, stamps = frame_small.get_frame_embeddings(audio, n_blocks=2)
@@ -259,6 +265,7 @@ def test_iter_frame_embeddings_equals_get_frame_embeddings(frame_small):
         next(frame_small.iter_frame_embeddings([audio, audio]))
 
 
+@pytest.mark.slow
 def test_core_imports_no_training_stack():
     """The inference package (API, CLI, HEAR) never imports training, Lightning, torchaudio or TensorFlow."""
     import subprocess
@@ -281,6 +288,7 @@ def test_num_frame_embeddings_is_what_is_produced(frame_small, samples):
     assert emb.shape[1] == frame_small.num_frame_embeddings(samples)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_list", [False, True])
 def test_get_embeddings_equals_the_separate_calls(model, as_list):
     audio = [waveform(3.3, 20), waveform(12.5, 21)] if as_list else np.stack([waveform(12.5, 20), waveform(12.5, 21)])
@@ -293,6 +301,7 @@ def test_get_embeddings_equals_the_separate_calls(model, as_list):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_gpu_frame_writing_path_gives_the_same_frames(frame_small, monkeypatch):
     """GPUs write a batch's frames with one gather per block (model._gathers_frames); run that path
     on the CPU and compare it with the per-window copies, for a batch, a list and a stream."""

@@ -31,6 +31,7 @@ def mini():
     return load_model("atst-frame-mini", device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds", [1.0, 3.7, 10.0])
 def test_waveform_graph_equals_pytorch(mini, tmp_path_factory, seconds):
     path = tmp_path_factory.getbasetemp() / "mini-frontend.onnx"
@@ -44,6 +45,7 @@ def test_waveform_graph_equals_pytorch(mini, tmp_path_factory, seconds):
         np.testing.assert_allclose(frames[row], expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_encoder_graph_takes_padded_batches(clip_small, tmp_path):
     """ATST-Clip, last 2 blocks, a batch of 1 s, 3.7 s and 10 s padded to one length: the padded
     tokens are masked as in PyTorch; the CLS output comes too."""
@@ -72,6 +74,7 @@ def test_export_refuses_16_bit_models(frame_small_ckpt, tmp_path):
         export_onnx(load_model(frame_small_ckpt, device="cpu", precision="bf16"), tmp_path / "x.onnx")
 
 
+@pytest.mark.slow
 def test_atst_export_command(tmp_path):
     out = tmp_path / "mini.onnx"
     result = CliRunner().invoke(export, ["atst-frame-mini", str(out), "--n-blocks", "1"])
@@ -82,6 +85,7 @@ def test_atst_export_command(tmp_path):
     assert result.exit_code == 2 and "pass --overwrite" in result.output
 
 
+@pytest.mark.slow
 def test_onnx_runtime_example():
     result = subprocess.run([sys.executable, str(EXAMPLES / "onnx_runtime.py")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -57,6 +57,7 @@ def test_long_input_first_window_equals_reference(frame_small, expected_frame_sm
     close(timestamps[0, -1], 581 * 40 + 15, atol=0)
 
 
+@pytest.mark.slow
 def test_long_input_scene_is_token_weighted_mean(frame_small, expected_frame_small):
     audio = expected_frame_small["d_23s/input"]
     tokens, _ = frame_small.get_frame_embeddings(audio, n_blocks=12)
@@ -66,6 +67,7 @@ def test_long_input_scene_is_token_weighted_mean(frame_small, expected_frame_sma
     assert np.abs(scene.numpy() - expected_frame_small["d_23s/scene"]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_zero_token_chunk_bug_is_fixed(frame_small, expected_frame_small):
     """10.02 s: the reference's 3-frame second chunk adds a zero vector and halves its scene embedding.
     Ours is the token-weighted mean over the clip: exactly twice the reference here."""

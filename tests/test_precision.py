@@ -24,6 +24,7 @@ def min_frame_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return min(torch.nn.functional.cosine_similarity(x.float(), y, dim=-1).min().item() for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", [p for p in PRECISIONS if p != "fp32"])
 @pytest.mark.parametrize("fixture", ["frame_small_ckpt", "clip_small_ckpt"])
 def test_16_bit_precisions_stay_close_to_fp32(precision, fixture, request):
@@ -43,11 +44,13 @@ def test_16_bit_precisions_stay_close_to_fp32(precision, fixture, request):
     assert torch.nn.functional.cosine_similarity(clip, reference.get_clip_embedding(AUDIO)).min().item() >= 0.999
 
 
+@pytest.mark.slow
 def test_fp32_precision_is_the_default_computation(frame_small_ckpt, frame_small):
     model = atst_features.load_model(frame_small_ckpt, device="cpu", precision="fp32")
     assert torch.equal(model.get_frame_embeddings(AUDIO[0])[0], frame_small.get_frame_embeddings(AUDIO[0])[0])
 
 
+@pytest.mark.slow
 def test_precision_errors(frame_small_ckpt):
     with pytest.raises(InputError, match="precision must be one of fp32, bf16, fp16, bf16-mixed, fp16-mixed, got 'int8'"):
         atst_features.load_model(frame_small_ckpt, device="cpu", precision="int8")
@@ -62,6 +65,7 @@ def test_precision_errors(frame_small_ckpt):
         bf16_weights.set_precision("bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["frame_small", "clip_small", "frame_prompt"])
 def test_aligned_attention_equals_unaligned(fixture, request, monkeypatch):
     """Padding the tokens to a multiple of 64 (done for 16-bit CPU attention) changes nothing but
@@ -91,6 +95,7 @@ def test_alignment_rule():
         assert encoder_module._aligned_length(250, cpu_bf16.float()) == 256
 
 
+@pytest.mark.slow
 def test_cli_precision(tmp_path, frame_small_ckpt, frame_small):
     path = write_audio(tmp_path / "a.wav", seconds=3.0)
     result = CliRunner().invoke(embed, [str(path), "--level", "frame", "--model", str(frame_small_ckpt),
@@ -165,6 +170,7 @@ def slow_16_bit_cpu(monkeypatch):
     monkeypatch.setattr(precision_module, "cpu_multiplies_fast", lambda dtype: dtype not in (torch.bfloat16, torch.float16))
 
 
+@pytest.mark.slow
 def test_16_bit_on_a_cpu_without_fast_kernels_warns_and_still_runs(frame_small_ckpt, slow_16_bit_cpu):
     with pytest.warns(SlowPrecisionWarning, match=r"^precision='bf16-mixed': this CPU has no fast bfloat16 matrix "
                                                    r"kernels \(they need AVX512, fast with AVX512-BF16 or AMX\).*; use fp32$"):

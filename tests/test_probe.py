@@ -116,6 +116,7 @@ def test_grouped_folds_keep_groups_together():
     assert sorted(set(folds)) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_logistic_regression_fits_separable_classes():
     rng = np.random.default_rng(0)
     x = torch.tensor(np.concatenate([rng.normal(-2, 1, (50, 3)), rng.normal(2, 1, (50, 3))]))
@@ -140,6 +141,7 @@ def two_class_set(tmp_path):
     return manifest
 
 
+@pytest.mark.slow
 def test_atst_probe_separates_two_obvious_classes(tmp_path, frame_small_ckpt):
     manifest = two_class_set(tmp_path)
     out = tmp_path / "probe.json"
@@ -156,6 +158,7 @@ def test_atst_probe_separates_two_obvious_classes(tmp_path, frame_small_ckpt):
     assert "test accuracy" in result.output
 
 
+@pytest.mark.slow
 def test_atst_probe_resplits_score_each_model_on_the_same_fresh_splits(tmp_path):
     manifest = two_class_set(tmp_path)
     out = tmp_path / "probe.json"
@@ -184,6 +187,7 @@ def test_atst_probe_reports_bad_manifest_in_one_line(tmp_path):
     assert "line 2: no such audio file" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_atst_probe_reference_protocol_and_its_cache(tmp_path, frame_small_ckpt):
     manifest = two_class_set(tmp_path)
     cache, out = tmp_path / "cache", tmp_path / "probe.json"

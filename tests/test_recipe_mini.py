@@ -74,6 +74,7 @@ def test_refuses_to_write_audio_into_the_repository():
     assert not (RECIPE / "data").exists()
 
 
+@pytest.mark.slow
 def test_model_card_from_run_records(tmp_path, frame_small_ckpt):
     pytest.importorskip("matplotlib")
     from atst_features import load_model, save_pretrained

@@ -147,6 +147,7 @@ class SamplerRecorder(L.Callback):
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ranks_share_the_reference_draw(imbalanced, tmp_path):
     script = shutil.which("atst-train") or pytest.skip("atst-train is not installed as a command")
     (tmp_path / "recorder.py").write_text(textwrap.dedent(RECORDER))

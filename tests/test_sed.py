@@ -192,6 +192,7 @@ def test_overlapping_windows_average_the_token_probabilities(event_model):
 
 
 # ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_sed_train_detect_score_end_to_end(tmp_path, monkeypatch):
     write_scenes(tmp_path / "train", 48, 5.0, seed=0)
     write_scenes(tmp_path / "test", 12, 5.0, seed=7)
@@ -233,6 +234,7 @@ def teacher_folder(tmp_path_factory):
     return save_pretrained(model, tmp_path_factory.mktemp("teacher") / "clip")
 
 
+@pytest.mark.slow
 def test_distillation_teacher_is_frozen_and_every_student_parameter_trains(teacher_folder, tmp_path):
     import lightning as L
 
@@ -282,6 +284,7 @@ def test_event_model_card_shows_detection(event_model, tmp_path):
     ("freeze", {"blocks[0]": False, "blocks[-1]": False, "norm": False, "head": True}),
     ("full", {"blocks[0]": True, "blocks[-1]": True, "norm": True, "head": True}),
 ])
+@pytest.mark.slow
 def test_parts_that_do_not_train_run_in_eval_mode(tmp_path, mode, training):
     """The reference's DESED step: encoder.eval(), then the trained parts back in training mode
     (frozen blocks with DropPath would compute other features than at inference)."""

@@ -86,6 +86,7 @@ def uninterrupted(tmp_path_factory, audio_folder):
     return root, *fit(root, audio_folder, "full")
 
 
+@pytest.mark.slow
 def test_tiny_preset_trains(uninterrupted):
     root, trainer, module, recorder, _ = uninterrupted
     assert trainer.global_step == 30 and len(recorder.losses) == 30
@@ -95,6 +96,7 @@ def test_tiny_preset_trains(uninterrupted):
     assert module.learning_rate_at(4) == pytest.approx(0.064 * 4 / 256)
 
 
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student(uninterrupted):
     _, _, module, recorder, _ = uninterrupted
     expected = {k: v.clone() for k, v in recorder.initial_teacher.items()}
@@ -111,6 +113,7 @@ def test_teacher_is_the_ema_of_the_student(uninterrupted):
     assert momenta[-1] == module.momentum_at(29) < 1.0
 
 
+@pytest.mark.slow
 def test_resume_continues_step_count_and_schedules(uninterrupted, tmp_path, audio_folder):
     _, full, _, _, _ = uninterrupted
     first, _, _, _ = fit(tmp_path, audio_folder, "part", stop_at=15)
@@ -126,6 +129,7 @@ def test_resume_continues_step_count_and_schedules(uninterrupted, tmp_path, audi
         assert observed[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+@pytest.mark.slow
 def test_export_loads_and_differs_from_the_untrained_model(uninterrupted, tmp_path):
     root, _, module, _, untrained = uninterrupted
     out = tmp_path / "exported"
@@ -151,6 +155,7 @@ def run_atst_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess
     return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, audio_folder):
     """The multi-GPU path, exercised here: DDP over two CPU processes (gloo)."""
     result = run_atst_train(["frame", "--config", "frame-tiny", "--data.path", str(audio_folder),
@@ -164,6 +169,7 @@ def test_two_process_ddp_on_cpu(tmp_path, audio_folder):
     assert lrs[1] == pytest.approx(0.064 * 8 / 256 / 4)  # global batch 2 x 4: peak 2e-3, warmup step 1 of 4
 
 
+@pytest.mark.slow
 def test_clip_preset_from_the_command_line(tmp_path, audio_folder):
     result = run_atst_train(["clip", "--config", "clip-tiny", "--data.path", str(audio_folder), "--model.max_steps", "4",
                              "--trainer.enable_progress_bar", "false"], tmp_path)
@@ -208,6 +214,7 @@ def test_cpu_precision_rule(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_train_command_usage(tmp_path):
     assert run_atst_train([], tmp_path).returncode == 2
     listed = run_atst_train(["--list-presets"], tmp_path)
@@ -297,6 +304,7 @@ def quick_fit(data: Path, root: Path, **trainer_options):
     return trainer, module, datamodule
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision(tmp_path, audio_folder):
     trainer, module, data = quick_fit(audio_folder, tmp_path, precision="bf16-mixed", max_steps=3)
     seen = {}
@@ -314,6 +322,7 @@ def test_bf16_mixed_precision(tmp_path, audio_folder):
     assert all(torch.isfinite(p).all() for p in module.model.teacher.parameters())
 
 
+@pytest.mark.slow
 def test_gradient_accumulation(tmp_path, audio_folder, monkeypatch):
     import atst_features.training.module as module_code
 

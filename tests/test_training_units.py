@@ -1,4 +1,4 @@
-"""Pretraining pieces against the reference's formulas (docs/atst-reference.md section 5, Appendix A)."""
+"""Pretraining pieces against the reference's formulas (docs/reference-notes.md#pretraining-recipes and #span-masking)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ positional table: 1000 spectrogram frames, 250 tokens); cut longer audio into 10
 :class:`~atst_features.ATSTModel` does.
 
 - encoder only (default): inputs ``mel`` float32 ``[B, n_mels, T]`` (the normalised log-mel of
-  :class:`~atst_features.frontend.LogMelFrontend`, or of the numpy recipe in the README) and
+  :class:`~atst_features.frontend.LogMelFrontend`, or of the numpy recipe in ``examples/onnx_runtime.py``) and
   ``n_tokens`` int64 ``[B]`` (valid tokens per item, ``n_frames // 4``; the rest is padding);
 - ``frontend=True``: inputs ``waveform`` float32 ``[B, N]`` at 16 kHz, every item ``N`` samples
   (513 <= N <= 160 000): the STFT runs as a convolution with the windowed DFT basis.

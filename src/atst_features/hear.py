@@ -76,7 +76,7 @@ def get_timestamp_embeddings(audio: Tensor, model: HearModel) -> tuple[Tensor, T
     embeddings, timestamps = model.model.get_frame_embeddings(
         audio, n_blocks=model.n_blocks, batch_size=model.batch_size
     )
-    # Audio shorter than one 40 ms token is padded (see the README); its one timestamp stays inside it.
+    # Audio shorter than one 40 ms token is padded (docs/api.md#short-and-long-audio); its one timestamp stays inside it.
     duration_ms = audio.shape[1] * 1000.0 / model.sample_rate
     timestamps = timestamps.clamp(max=duration_ms)
     return (

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,10 +21,12 @@ from .errors import DownloadError, InputError
 from .files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, verify_sha256
 from .registry import PACKAGED_HINT, REGISTRY, PretrainedModel
 
-__all__ = ["cache_dir_of", "download", "looks_like_repo_id", "offline", "packaged_folder", "push_to_hub"]
+__all__ = ["cache_dir_of", "download", "looks_like_repo_id", "no_connection", "offline", "packaged_folder", "push_to_hub",
+           "unreachable"]
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONNECT_TIMEOUT_S = 10  # unreachable(): a host slower than this to accept a connection counts as reachable
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -48,6 +53,32 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
+def no_connection(error: BaseException) -> str | None:
+    """Why ``error``, raised while connecting (by socket.create_connection, or urllib's URLError around that),
+    means that no connection can be made at all: no such host, refused, no route, a bad certificate; retrying in
+    a few seconds would not help. None for anything else, a timeout included (a slow network is worth waiting for)."""
+    reason = getattr(error, "reason", error)  # an HTTPError's is its status text: an answer, not a failed connection
+    if not isinstance(reason, OSError) or isinstance(reason, TimeoutError):
+        return None
+    return reason.strerror or str(reason) or type(reason).__name__
+
+
+def unreachable(url: str) -> str | None:
+    """Why the host of ``url`` cannot be reached at all (see :func:`no_connection`), or None: one connection, made
+    before a download library would retry for half a minute. A host behind a proxy is left to the proxy."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxied = (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname or "")
+    if not parts.hostname or proxied:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return no_connection(error)
+    return None
+
+
 def download(
     source: str,
     *,
@@ -69,15 +100,17 @@ def download(
     repo_id = entry.repo_id if entry else source
     revision = revision or (entry.revision if entry else None)
     filename = entry.filename if entry else WEIGHTS_NAME
+    # A Hub that cannot be reached at all: the cache alone, at once (huggingface_hub would retry for half a minute).
+    cut_off = None if offline() else unreachable(_endpoint() or "https://huggingface.co")
     options = dict(
         revision=revision,
         cache_dir=cache_dir_of(cache_dir),
         force_download=force_download,
-        local_files_only=offline(),
+        local_files_only=offline() or cut_off is not None,
         endpoint=_endpoint(),
         library_name="atst-features",
     )
-    with _explained_hub_errors(source, repo_id, revision, entry):
+    with _explained_hub_errors(source, repo_id, revision, entry, cut_off):
         if filename == WEIGHTS_NAME:
             folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], **options))
             weights = folder / WEIGHTS_NAME
@@ -104,8 +137,10 @@ def packaged_folder(entry: PretrainedModel) -> Path:
 
 
 @contextmanager
-def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry: PretrainedModel | None):
-    """Turn huggingface_hub's exceptions into one-line errors that say what to do."""
+def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry: PretrainedModel | None,
+                          cut_off: str | None):
+    """Turn huggingface_hub's exceptions into one-line errors that say what to do; ``cut_off``: why the Hub
+    cannot be reached (see :func:`unreachable`), if it cannot."""
     from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
@@ -119,7 +154,8 @@ def _explained_hub_errors(source: str, repo_id: str, revision: str | None, entry
     try:
         yield
     except (LocalEntryNotFoundError, ConnectionError, TimeoutError):
-        reason = "offline mode (HF_HUB_OFFLINE) is on" if offline() else f"cannot reach {endpoint}"
+        reason = ("offline mode (HF_HUB_OFFLINE) is on" if offline()
+                  else f"cannot reach {endpoint}" + (f" ({cut_off})" if cut_off else ""))
         raise DownloadError(
             f"cannot download {where}: {reason} and it is not in the cache {cache_dir_of(None)!r}; to work "
             "offline, load a model downloaded before (it is used from the cache, also with HF_HUB_OFFLINE=1), "

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from http.client import HTTPException
 from http.cookiejar import CookieJar
@@ -34,7 +35,7 @@ from .convert import convert_checkpoint
 from .errors import CheckpointError, ChecksumError, DownloadError
 from .heads import HEADS
 from .files import CONFIG_NAME, WEIGHTS_NAME, sha256_of, verify_sha256
-from .hub import cache_dir_of, offline
+from .hub import cache_dir_of, no_connection, offline
 from .registry import PACKAGED_HINT, PretrainedModel
 
 __all__ = ["fetch_official", "holds_model_of", "install_official", "official_folder"]
@@ -43,6 +44,7 @@ RECORD_NAME = "download.json"
 MODEL_FOLDER = "model"
 SOURCE_FOLDER = "source"  # the downloaded checkpoint, under the server's name, while it is converted
 PARTIAL_NAME = "checkpoint.partial"
+LOCK_NAME = ".lock"
 CHUNK_BYTES = 1 << 20
 MAX_BYTES = 8 << 30  # no ATST checkpoint is near this; a server sending more is refused
 MAX_PAGE_BYTES = 1 << 20  # an HTML page (Drive's confirmation) is read up to this size
@@ -73,8 +75,7 @@ def fetch_official(
             f"cannot download {entry.name!r}: offline mode (HF_HUB_OFFLINE) is on and it is not in the cache "
             f"{str(home)!r}; run once online, or load a checkpoint file or folder; {PACKAGED_HINT}"
         )
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / ".lock")):
+    with _locked(home):
         if not force_download and _cached(home):  # another process finished it while we waited
             return _verified(home)
         checkpoint, file_name = _download(entry.download_url, home, entry.name)
@@ -88,8 +89,7 @@ def install_official(entry: PretrainedModel, checkpoint: str | os.PathLike, *,
     sha256 recorded; later loads of the name use it. The file itself is left as it is. A file that
     differs from one installed or downloaded before is refused (:class:`ChecksumError`)."""
     home = official_folder(entry, cache_dir)
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / ".lock")):
+    with _locked(home):
         return _convert(entry, home, Path(checkpoint), Path(checkpoint).name, installed=True)
 
 
@@ -109,6 +109,24 @@ def holds_model_of(entry: PretrainedModel, origin: str, hint: str):
                               f"{entry.name!r} names{expected}; not used ({hint})")
 
     return check
+
+
+@contextmanager
+def _locked(home: Path):
+    """Inside: ``home`` exists and this process holds its lock (one download or installation at a time). A
+    failure that leaves ``home`` holding nothing but the lock removes both (and the folder of all official
+    models, if empty): a failed first download leaves nothing behind. Waiters then lock a new file."""
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / LOCK_NAME)):
+        try:
+            yield
+        except BaseException:
+            if [path.name for path in home.iterdir()] == [LOCK_NAME]:
+                with suppress(OSError):  # another process may have come in meanwhile: then it stays
+                    (home / LOCK_NAME).unlink()
+                    home.rmdir()
+                    home.parent.rmdir()
+            raise
 
 
 def _cached(home: Path) -> bool:
@@ -197,13 +215,12 @@ def _download(url: str, home: Path, name: str) -> tuple[Path, str]:
             raise
         except (urllib.error.URLError, HTTPException, OSError) as err:
             if isinstance(err, urllib.error.HTTPError) and err.code < 500 and err.code not in (408, 429):
-                raise DownloadError(f"cannot download {name!r} from {url}: HTTP {err.code} {err.reason}") from None
-            if attempt == ATTEMPTS:
-                kept = partial.stat().st_size if partial.exists() else 0
-                raise DownloadError(
-                    f"cannot download {name!r} from {url}: {_reason(err)}; {kept:,} bytes are kept in {str(partial)!r} "
-                    f"and the next attempt resumes from there; {PACKAGED_HINT}"
-                ) from None
+                raise DownloadError(f"cannot download {name!r} from {url}: HTTP {err.code} {err.reason}{_kept(partial)}"
+                                    ) from None
+            refused = no_connection(err) if isinstance(err, urllib.error.URLError) else None  # not worth retrying
+            if attempt == ATTEMPTS or refused:
+                reason = f"no connection to {urllib.parse.urlsplit(url).hostname} ({refused})" if refused else _reason(err)
+                raise DownloadError(f"cannot download {name!r} from {url}: {reason}{_kept(partial)}; {PACKAGED_HINT}") from None
             time.sleep(min(2.0 * attempt, 10.0))
     raise AssertionError("unreachable")
 
@@ -211,6 +228,15 @@ def _download(url: str, home: Path, name: str) -> tuple[Path, str]:
 def _reason(err: BaseException) -> str:
     reason = getattr(err, "reason", None) or err
     return str(reason).splitlines()[0][:200] or type(err).__name__
+
+
+def _kept(partial: Path) -> str:
+    """What a failed download says of the bytes it keeps for the next attempt; an empty file is removed."""
+    kept = partial.stat().st_size if partial.exists() else 0
+    if not kept:
+        partial.unlink(missing_ok=True)
+        return ""
+    return f"; {kept:,} bytes are kept in {str(partial)!r} and the next attempt resumes from there"
 
 
 def _fetch_once(opener, url: str, partial: Path, name: str) -> str:

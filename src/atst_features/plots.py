@@ -1,5 +1,6 @@
 """Pictures of what a detector hears in a clip: its spectrogram, the event probabilities of the classes
-that matter and the events found (``atst-detect --plot`` draws the same). Needs matplotlib."""
+that matter, the events found and, if given, the reference events (``atst-detect --plot [--reference]``
+draws the same). Needs matplotlib."""
 
 from __future__ import annotations
 
@@ -10,34 +11,54 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .events import per_class
 
-__all__ = ["MAX_PLOTTED_CLASSES", "plot_events"]
+__all__ = ["MAX_PLOTTED_CLASSES", "check_reference", "plot_events"]
 
 MAX_PLOTTED_CLASSES = 10  # an AudioSet detector has hundreds: a legend of them all is unreadable
 
 
 def _classes_to_draw(probabilities: np.ndarray, events, labels: list[str]) -> list[int]:
-    """Class indices: those with events first (by first onset), then the most probable ones, up to
-    :data:`MAX_PLOTTED_CLASSES` (all of a model with that many or fewer), in the model's order."""
+    """Class indices, in the model's order: every class with events (detected or reference ones), then
+    the most probable ones up to :data:`MAX_PLOTTED_CLASSES` (all of a model with that many or fewer)."""
     if len(labels) <= MAX_PLOTTED_CLASSES:
         return list(range(len(labels)))
-    chosen = list(dict.fromkeys(labels.index(e.label) for e in sorted(events, key=lambda e: e.onset)))
+    chosen = list(dict.fromkeys(labels.index(e.label) for e in events))
     peaks = probabilities.max(axis=0) if len(probabilities) else np.zeros(len(labels))
     for index in np.argsort(-peaks, kind="stable"):
         if len(chosen) >= MAX_PLOTTED_CLASSES:
             break
         if index not in chosen:
             chosen.append(int(index))
-    return sorted(chosen[:MAX_PLOTTED_CLASSES])
+    return sorted(chosen)
+
+
+def check_reference(reference, labels) -> None:
+    """:class:`InputError` unless every label of the ``reference`` events is one of ``labels`` (the model's);
+    the message names the others and close matches."""
+    per_class({**dict.fromkeys({e.label for e in reference}, 0.0), "*": 0.0}, labels, "reference")
+
+
+def _colours(count: int) -> list:
+    """``count`` distinct colours: matplotlib's default ten (tab10), then their light variants (tab20),
+    then, for more than 20, evenly spaced along the perceptual colormap turbo."""
+    from matplotlib import colormaps
+
+    if count > 20:
+        return [colormaps["turbo"](index / (count - 1)) for index in range(count)]
+    pairs = colormaps["tab20"].colors  # (tab10 colour, its light variant) * 10
+    return list(pairs[0::2] + pairs[1::2])[:count]
 
 
 def plot_events(model, audio, path: str | os.PathLike, *, sample_rate: int | None = None, title: str | None = None,
-                events=None, probabilities: np.ndarray | None = None, **settings) -> list[str]:
+                events=None, probabilities: np.ndarray | None = None, reference=None, **settings) -> list[str]:
     """Save a PNG of one clip at ``path``: the model's log-mel spectrogram, the (median-filtered)
-    probabilities ``[T, C]`` of the classes with events and then the most probable ones (at most
-    :data:`MAX_PLOTTED_CLASSES`), and the events as bars. ``audio``: a file or one waveform;
-    ``events`` and ``probabilities``: already computed, else :func:`~atst_features.detection.detect_events`
-    runs with ``settings`` (threshold, median, ...). Returns the labels drawn."""
+    probabilities ``[T, C]`` of the classes with events and then the most probable ones (up to
+    :data:`MAX_PLOTTED_CLASSES`), each in its own colour, and the events as bars. ``audio``: a file or
+    one waveform; ``events`` and ``probabilities``: already computed, else
+    :func:`~atst_features.detection.detect_events` runs with ``settings`` (threshold, median, ...).
+    ``reference``: the clip's reference events (:class:`~atst_features.events.Event`, labels of the
+    model), drawn hatched under the detected ones. Returns the labels drawn."""
     from .detection import detect_events, frame_seconds
 
     try:
@@ -56,7 +77,9 @@ def plot_events(model, audio, path: str | os.PathLike, *, sample_rate: int | Non
     if title is None:
         title = str(audio) if isinstance(audio, (str, os.PathLike)) else ""
     labels = list(model.labels)
-    drawn = _classes_to_draw(probabilities, events, labels)
+    check_reference(reference or [], labels)
+    drawn = _classes_to_draw(probabilities, [*events, *(reference or [])], labels)
+    colours = _colours(len(drawn))
     with torch.inference_mode():
         mel, _ = model.frontend(wave[None])
     seconds = wave.numel() / model.sample_rate
@@ -65,16 +88,19 @@ def plot_events(model, audio, path: str | os.PathLike, *, sample_rate: int | Non
     axes[0].set(ylabel="mel bin", title=title)
     times = (np.arange(len(probabilities)) + 0.5) * frame_seconds(model)
     for row, index in enumerate(drawn):
-        axes[1].plot(times, probabilities[:, index], label=labels[index], linewidth=1.2, color=f"C{row % 10}")
+        axes[1].plot(times, probabilities[:, index], label=labels[index], linewidth=1.2, color=colours[row])
     shown = "" if len(drawn) == len(labels) else f" ({len(drawn)} of {len(labels)} classes)"
     axes[1].set(ylabel="probability" + shown, ylim=(0, 1))
     axes[1].legend(loc="upper right", fontsize=7, ncol=min(len(drawn), 4))
-    for event in events:
-        if labels.index(event.label) in drawn:
+    # a row per class: its detected events; with a reference, its reference events below them, hatched
+    lanes = [(events, 0.0, {})] if reference is None else [(events, 0.2, {}), (reference, -0.2, {"hatch": "//", "alpha": 0.45})]
+    for found, shift, style in lanes:
+        for event in found:
             row = drawn.index(labels.index(event.label))
-            axes[2].barh(row, event.offset - event.onset, left=event.onset, color=f"C{row % 10}", height=0.7)
+            axes[2].barh(row + shift, event.offset - event.onset, left=event.onset, color=colours[row],
+                         height=0.7 if reference is None else 0.36, **style)
     axes[2].set(yticks=range(len(drawn)), yticklabels=[labels[i] for i in drawn], xlabel="time (s)", xlim=(0, seconds),
-                ylim=(-0.6, len(drawn) - 0.4))
+                ylim=(-0.6, len(drawn) - 0.4), ylabel="" if reference is None else "detected / reference (hatched)")
     figure.tight_layout()
     figure.savefig(Path(path), dpi=110)
     plt.close(figure)

@@ -23,7 +23,8 @@ __all__ = ["ATST_CITATION", "ATST_SED_CITATION", "DEFAULT_MODEL", "HUB_ORGANISAT
 HUB_ORGANISATION = "atst-features"
 DEFAULT_MODEL = "atst-frame-base"
 OFFLINE_MODEL = "atst-frame-mini"  # ships in the package: works with no network
-PACKAGED_HINT = f"{OFFLINE_MODEL!r} ships inside the package and needs no download"
+PACKAGED_HINT = (f"the small demo model {OFFLINE_MODEL!r} ships inside the package and works offline: "
+                 f"load_model({OFFLINE_MODEL!r})")  # the commands name it as --model atst-frame-mini
 
 ATST_CITATION = """@article{li2024atst,
   title   = {Self-supervised Audio Teacher-Student Transformer for Both Clip-level and Frame-level Tasks},
@@ -202,6 +203,8 @@ REGISTRY: dict[str, PretrainedModel] = {
             "base",
             "https://github.com/Audio-WestlakeU/audiossl/tree/main/audiossl/methods/atstframe",
             "ATST-Frame base distilled from a fine-tuned ATST-Clip on AudioSet, with its 527-class head",
+            head="clip",
+            labels_file="audioset_labels",
         ),
         PretrainedModel(
             name="atst-frame-base-desed",

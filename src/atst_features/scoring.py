@@ -10,7 +10,9 @@
 
 Micro F1 pools the counts of every class; macro F1 averages the per-class F1 over the classes
 that have both reference and detected events (sed_eval's choice: a class never detected, or absent
-from the reference, is left out of the average rather than counted as 0; ``per_class`` shows it).
+from the reference, has no F1 and is left out of the average rather than counted as 0; ``per_class``
+shows it). :attr:`DetectionScores.macro_f1_all` counts them as 0, and ``undetected`` /
+``unreferenced`` name them.
 ``tests/test_sed.py`` checks both against sed_eval 0.2.1 when it is installed (its dcase_util
 dependency needs setuptools' ``pkg_resources``, which recent setuptools no longer ship, hence this
 implementation).
@@ -89,12 +91,34 @@ class DetectionScores:
 
     @property
     def macro_f1(self) -> float:
+        """Mean F1 of the classes with reference and detected events (sed_eval's class-wise average)."""
         values = [c.f1 for c in self.per_class.values() if not math.isnan(c.f1)]
         return float(np.mean(values)) if values else float("nan")
 
+    @property
+    def macro_f1_all(self) -> float:
+        """Mean F1 of every class, one without detections or without references counting 0."""
+        values = [2 * c.tp / (2 * c.tp + c.fp + c.fn) for c in self.per_class.values() if c.tp + c.fp + c.fn]
+        return float(np.mean(values)) if values else float("nan")
+
+    @property
+    def undetected(self) -> list[str]:
+        """Classes of the reference without detections."""
+        return [label for label, c in self.per_class.items() if c.tp + c.fp == 0 and c.fn]
+
+    @property
+    def unreferenced(self) -> list[str]:
+        """Detected classes without reference events."""
+        return [label for label, c in self.per_class.items() if c.tp + c.fn == 0 and c.fp]
+
     def to_dict(self) -> dict:
-        return {"micro_f1": self.micro_f1, "macro_f1": self.macro_f1,
-                "per_class": {label: {"f1": c.f1, "precision": c.precision, "recall": c.recall,
+        """The scores as JSON takes them: an undefined value (NaN) is None."""
+        def number(value: float) -> float | None:
+            return None if math.isnan(value) else value
+
+        return {"micro_f1": number(self.micro_f1), "macro_f1": number(self.macro_f1),
+                "macro_f1_all": number(self.macro_f1_all), "undetected": self.undetected, "unreferenced": self.unreferenced,
+                "per_class": {label: {"f1": number(c.f1), "precision": number(c.precision), "recall": number(c.recall),
                                       "tp": c.tp, "fp": c.fp, "fn": c.fn} for label, c in self.per_class.items()}}
 
 

@@ -4,6 +4,7 @@ format of atst-tag / atst-detect, and the options several commands take."""
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import traceback
 import warnings
@@ -11,10 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
-from ..errors import BUG_REPORT, InputError, SlowPrecisionWarning, expected_failure, one_line_message
+from ..errors import BUG_REPORT, InputError, ModelNotFoundError, SlowPrecisionWarning, expected_failure, one_line_message
 from ..inputs import AudioInput, find_inputs
 from ..precision import PRECISIONS
+from .runs import python_stderr_kept
 
 __all__ = ["BATCH_SIZE_OPTION", "CONTEXT", "DEVICE_OPTION", "MANIFEST_OPTION", "NUM_WORKERS_OPTION", "PRECISION_OPTION",
            "QUIET_OPTION", "find_items", "head_command_options", "model_with_head", "one_line_errors", "result_format"]
@@ -25,37 +28,62 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}  # every command's context set
 @contextmanager
 def one_line_warnings():
     """Inside: the library's warnings (:class:`SlowPrecisionWarning`) print as one ``warning:`` line,
-    without the source line Python shows; other warnings as usual."""
+    without the source line Python shows; other warnings as usual. Both above a progress bar, not into it."""
     with warnings.catch_warnings():
         python_way = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, SlowPrecisionWarning):
-                click.echo(f"warning: {message}", err=True)
-            else:
-                python_way(message, category, filename, lineno, file, line)
+            with tqdm.external_write_mode(file=sys.stderr):
+                if issubclass(category, SlowPrecisionWarning):
+                    click.echo(f"warning: {message}", err=True)
+                else:
+                    python_way(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         yield
 
 
+_LIBRARY_CALL = re.compile(r"load_model\('([^']*)'\)")
+
+
+def _in_command_terms(message: str) -> str:
+    """``message`` with the library's advice ``load_model('X')`` as ``--model X``, in a command that has --model."""
+    context = click.get_current_context(silent=True)
+    if context is None or not any("--model" in param.opts for param in context.command.params):
+        return message
+    return _LIBRARY_CALL.sub(r"--model \1", message)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failure cut short (they stay at their last state), so that what is printed
+    next starts on a line of its own instead of inside the bar's."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def one_line_errors(command):
-    """Expected failures become one ``Error:`` line (exit code 1); a bug prints its traceback and
-    asks to be reported (exit code 1). Warnings of the library are one line each."""
+    """Expected failures become one ``Error:`` line in the command's terms (exit code 1; a model source that
+    names nothing is a usage error, exit code 2); a bug prints its traceback and asks to be reported (exit code
+    1). Any of them first closes the progress bar it cut short. Warnings of the library are one line each."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            with one_line_warnings():
-                return command(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
-            if expected_failure(error):
-                raise click.ClickException(one_line_message(error)) from None
-            traceback.print_exc()
-            click.echo(BUG_REPORT, err=True)
-            sys.exit(1)
+        with python_stderr_kept():
+            try:
+                with one_line_warnings():
+                    return command(*args, **kwargs)
+            except BaseException as error:
+                _close_progress_bars()
+                if isinstance(error, ModelNotFoundError):
+                    raise click.UsageError(_in_command_terms(one_line_message(error))) from None
+                if not isinstance(error, Exception) or isinstance(error, (click.ClickException, click.exceptions.Exit,
+                                                                          click.Abort)):
+                    raise
+                if expected_failure(error):
+                    raise click.ClickException(_in_command_terms(one_line_message(error))) from None
+                traceback.print_exc()
+                click.echo(BUG_REPORT, err=True)
+                sys.exit(1)
 
     return wrapper
 

@@ -1,5 +1,5 @@
 """``atst-detect``: sound events of a model's event head in each file, as a table, a DESED-style TSV or
-JSON, with a plot per file if asked (spectrogram, probabilities, events)."""
+JSON, with a plot per file if asked (spectrogram, probabilities, events; reference events beside them)."""
 
 from __future__ import annotations
 
@@ -55,15 +55,18 @@ def _per_label_option(text: str, cast, name: str):
               help="Output format [default: table on the terminal; from the suffix of -o].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the events to this .tsv or .json file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Also save a PNG per file here: spectrogram, probabilities (of at most 10 classes: those with "
-              "events, then the most probable) and events.")
+              help="Also save a PNG per file here: spectrogram, probabilities (of the classes with events, then the "
+              "most probable, 10 in all for a model of more classes) and events.")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --plot: reference events (a DESED-style TSV: filename, onset, offset, event_label, as atst-score "
+              "reads) drawn hatched under the detected ones, for the files it lists.")
 @click.option("--scores", "scores_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write each file's frame scores (the median-filtered probabilities) here, one TSV per file as "
               "sed_scores_eval reads them: atst-score --scores computes PSDS from them.")
 @head_command_options
 @one_line_errors
 def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, min_length, hop, fmt, output, plot_dir,
-           scores_dir, overwrite, device, precision, batch_size, num_workers, quiet) -> None:
+           reference, scores_dir, overwrite, device, precision, batch_size, num_workers, quiet) -> None:
     """Detect sound events in audio files with a model that has an event head.
 
     Prints, or writes as a DESED-style TSV (filename, onset, offset, event_label, score), the events
@@ -72,18 +75,25 @@ def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, mi
     Exit status: 0 when every file was processed, 1 when some failed, 2 for usage errors.
     """
     from ..detection import detect_events, settings
-    from ..events import per_class, write_events
-    from ..plots import plot_events
+    from ..events import per_class, read_strong_labels, write_events
+    from ..plots import check_reference, plot_events
     from ..scoring import write_score_table
 
     threshold = _per_label_option(threshold, float, "--threshold") if threshold is not None else None
     median = _per_label_option(median, int, "--median") if median is not None else None
     fmt = result_format(output, fmt, overwrite, ("tsv", "json"))
+    if reference is not None and plot_dir is None:
+        raise click.UsageError("--reference draws reference events in the --plot images: give --plot DIR too")
     items, special = find_items(inputs, manifest)
+    truth = read_strong_labels(reference) if reference is not None else {}
+    if reference is not None and not any(str(item.relative) in truth for item in items):
+        raise click.UsageError(f"{str(reference)!r} lists none of the input files (named as in the events TSV, e.g. "
+                               f"{str(items[0].relative)!r})")
     model = model_with_head(model_name, device, precision, "frame")
     defaults = settings(model)
     for value, name in ((threshold, "threshold"), (median, "median")):  # the labels named, against the model's
         per_class(defaults[name] if value is None else value, model.labels, name)
+    check_reference([event for found in truth.values() for event in found], model.labels)
     seconds = frame_seconds(model)
     detect_file = functools.partial(detect_events, model, hop_seconds=hop, threshold=threshold, median=median,
                                     combine=combine, min_gap=min_gap, min_length=min_length, batch_size=batch_size)
@@ -102,7 +112,8 @@ def detect(inputs, manifest, model_name, threshold, median, combine, min_gap, mi
                 write_score_table(tables[item], filtered, model.labels, seconds, len(result) / SAMPLE_RATE)
             if plot_dir is not None:
                 plot_events(model, result, plot_dir / f"{item.relative.stem}.png", sample_rate=SAMPLE_RATE,
-                            title=str(item.relative), events=found, probabilities=filtered)
+                            title=str(item.relative), events=found, probabilities=filtered,
+                            reference=truth.get(str(item.relative)))
         except Exception as error:
             run.error(item, error)
             continue

@@ -33,6 +33,7 @@ from .runs import Run, raise_keyboard_interrupt
 __all__ = ["embed"]
 
 LEVEL_KEYS = {"clip": ["clip"], "frame": ["frame", "timestamps"], "both": ["clip", "frame", "timestamps"]}
+PACKAGE = Path(__file__).resolve().parent.parent  # the installed atst_features, example audio included
 
 
 def _shard(shard: str | None, device: str | None) -> tuple[int, int, str | None]:
@@ -50,6 +51,21 @@ def _shard(shard: str | None, device: str | None) -> tuple[int, int, str | None]
     if int(world) > 1 and device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     return int(rank) + 1, int(world), device
+
+
+def _check_beside_inputs(items: list[AudioInput]) -> None:
+    """Outputs beside the inputs (no -o or -d): a usage error naming -o and -d when an input's folder is inside
+    the installed package (its example audio) or cannot be written."""
+    for folder in sorted({item.path.parent for item in items}):
+        real = folder.resolve()
+        if real == PACKAGE or PACKAGE in real.parents:
+            reason = "is inside the installed atst-features package"
+        elif not os.access(folder, os.W_OK):
+            reason = "cannot be written"
+        else:
+            continue
+        raise click.UsageError(f"outputs go beside the inputs by default, but {str(folder)!r} {reason}: write them "
+                               "elsewhere with -o FILE.npz (one input) or -d DIR")
 
 
 def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None) -> Path:
@@ -94,7 +110,7 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
 
     INPUTS are audio files, folders (searched recursively for audio files) or glob patterns
     (quote them: 'data/**/*.flac'). Outputs hold float32 arrays: clip [E], frame [T, D] and
-    timestamps [T] (ms, token centres); see the README for the layout of each format.
+    timestamps [T] (ms, token centres); see docs/command-line.md, "Output files", for the layout of each format.
     Exit status: 0 when every file was embedded (or skipped), 1 when some failed, 2 for usage errors.
     """
     if output is not None:
@@ -121,6 +137,8 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
     items = sorted(items, key=lambda item: os.fsencode(item.path))[part - 1 :: parts]
     todo = [item for item in items if overwrite or not all(p.exists() for p in output_files(bases[item], fmt, keys))]
     skipped = len(items) - len(todo)
+    if output is None and output_dir is None:
+        _check_beside_inputs(todo)
     if todo:  # before the progress bar, which a first download's own bar would interleave with
         from ..loading import load_model
 

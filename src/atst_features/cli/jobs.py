@@ -17,7 +17,7 @@ import torch
 from ..errors import BUG_REPORT, SlowPrecisionWarning, expected_failure, one_line_message
 from ..inputs import AudioInput
 from .pipeline import Outputs, embed_items
-from .runs import Reporter, Run, raise_keyboard_interrupt
+from .runs import Reporter, Run, python_stderr_kept, raise_keyboard_interrupt
 
 __all__ = ["JobReporter", "run_jobs"]
 
@@ -46,24 +46,24 @@ def _job(index: int, todo: list[AudioInput], outputs: Outputs, model_name: str, 
          threads: int, options: dict, queue, parent: int) -> None:
     """One ``--jobs`` process (started by :func:`run_jobs`): loads the model, embeds its part of the
     files and ends with ``("end", index)``, after ``("fatal", message)`` for an expected failure that
-    stops it or ``("bug", message)`` (its traceback printed here) for anything else."""
+    stops it or ``("bug", traceback)`` for anything else (printed by the parent, below its progress bar)."""
     from ..loading import load_model
 
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     torch.set_num_threads(threads)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SlowPrecisionWarning)  # the parent has said it once
-            model = load_model(model_name, device=device, precision=precision)
-        embed_items(model, todo, JobReporter(queue, parent), outputs, **options)
+        with python_stderr_kept():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SlowPrecisionWarning)  # the parent has said it once
+                model = load_model(model_name, device=device, precision=precision)
+            embed_items(model, todo, JobReporter(queue, parent), outputs, **options)
     except KeyboardInterrupt:
         return  # stopped by the parent, Ctrl-C or the parent's end: the parent reports it; "end" follows
     except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs, as one_line_errors does
         if expected_failure(error):
             queue.put(("fatal", one_line_message(error)))
         else:
-            traceback.print_exc()
-            queue.put(("bug", one_line_message(error)))
+            queue.put(("bug", traceback.format_exc()))
     finally:
         for stop in (signal.SIGINT, signal.SIGTERM):  # a second interruption must not cut the last word
             signal.signal(stop, signal.SIG_IGN)
@@ -142,5 +142,6 @@ def run_jobs(jobs: int, todo: list[AudioInput], run: Run, outputs: Outputs, mode
         run.bar.close()
         if kind == "fatal":
             raise click.ClickException(message)
+        click.echo(message.rstrip(), err=True)  # the job's traceback
         click.echo(BUG_REPORT, err=True)
         sys.exit(1)

@@ -5,6 +5,7 @@ segment-based F1 of detected events)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,7 +14,7 @@ import click
 
 from ..hub import push_to_hub
 from ..outputs import temporary_beside
-from ..registry import list_models
+from ..registry import DEFAULT_MODEL, list_models
 from .common import CONTEXT, one_line_errors
 
 __all__ = ["convert", "export", "models", "score"]
@@ -116,12 +117,13 @@ def export(source: str, out: Path, n_blocks: int | None, frontend: bool, overwri
 @click.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models(as_json: bool) -> None:
-    """List the named models that load_model() and atst-embed --model accept."""
+    """List the named models that load_model() and atst-embed --model accept; the default is marked."""
     entries = list_models()
     if as_json:
-        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        click.echo(json.dumps([{**entry.to_dict(), "default": entry.name == DEFAULT_MODEL} for entry in entries], indent=2))
         return
-    width = max(len(entry.name) for entry in entries)
+    names = {entry.name: entry.name + (" (default)" if entry.name == DEFAULT_MODEL else "") for entry in entries}
+    width = max(len(name) for name in names.values())
     header = (f"{'name':<{width}} {'kind':<6} {'size':<5} {'outputs':<13} {'frame':>6} {'clip':>6}  {'comes from':<30} "
               "licence")
     click.echo(header)
@@ -133,16 +135,19 @@ def models(as_json: bool) -> None:
             host = urlsplit(entry.download_url).hostname or ""
             where = ("authors' Google Drive" if host.endswith("google.com") else "authors' Aliyun link" if "aliyun" in host
                      else "GitHub release" if host == "github.com" else host)
+        elif entry.in_our_format and not entry.published:
+            where = "none yet: load its checkpoint"
         else:
             where = entry.repo_id
         click.echo(
-            f"{entry.name:<{width}} {entry.kind:<6} {entry.size:<5} {entry.outputs:<13} {entry.frame_embedding_size():>6} "
+            f"{names[entry.name]:<{width}} {entry.kind:<6} {entry.size:<5} {entry.outputs:<13} {entry.frame_embedding_size():>6} "
             f"{entry.clip_embedding_size():>6}  {where:<30} {entry.license}"
         )
     click.echo("\nframe / clip: embedding sizes with all blocks (12; atst-frame-mini: 6); n_blocks=1: divide by that.")
     click.echo("outputs: embeddings; events: probabilities of N classes every 40 ms (atst-sed-desed: 64 ms) for "
                "atst-detect; tags: N clip-level probabilities for atst-tag.")
     click.echo("authors' ... / GitHub release: downloaded and converted once, on first use; then cached.")
+    click.echo(f"default: {DEFAULT_MODEL}, what --model and load_model() use when not given one.")
 
 
 @click.command(context_settings=CONTEXT)
@@ -196,12 +201,32 @@ def _f1_scores(truth, found, collar: float, offset_share: float, segment: float)
     results = {"event_based": event_based(truth, found, collar=collar, offset_share=offset_share),
                "segment_based": segment_based(truth, found, segment=segment)}
     click.echo(f"{len(truth)} reference events in {len({e.filename for e in truth})} files, {len(found)} detected")
+    events, segments = results["event_based"], results["segment_based"]
     click.echo(f"event-based (onset collar {collar:g} s, offset max({collar:g} s, {offset_share:.0%})): "
-               f"F1 micro {results['event_based'].micro_f1:.3f}, macro {results['event_based'].macro_f1:.3f}")
-    click.echo(f"segment-based ({segment:g} s segments): "
-               f"F1 micro {results['segment_based'].micro_f1:.3f}, macro {results['segment_based'].macro_f1:.3f}")
+               f"F1 micro {_figure(events.micro_f1)}, {_macro(events)}")
+    click.echo(f"segment-based ({segment:g} s segments): F1 micro {_figure(segments.micro_f1)}, {_macro(segments)}")
+    if events.undetected:  # the same classes for both: those with events in one list only
+        click.echo(f"reference classes without detections ({len(events.undetected)}): {', '.join(events.undetected)}")
+    if events.unreferenced:
+        click.echo(f"detected classes absent from the reference ({len(events.unreferenced)}): {', '.join(events.unreferenced)}")
+    if events.undetected or events.unreferenced:
+        click.echo("their F1 is undefined (n/a): the macro F1 leaves them out, as sed_eval does; 'over all' counts them as 0")
     click.echo(f"\n{'class':<20} {'event F1':>8} {'P':>6} {'R':>6} {'segment F1':>10}")
-    for label, counts in results["event_based"].per_class.items():
-        seg = results["segment_based"].per_class[label]
-        click.echo(f"{label:<20} {counts.f1:>8.3f} {counts.precision:>6.3f} {counts.recall:>6.3f} {seg.f1:>10.3f}")
+    for label, counts in events.per_class.items():
+        click.echo(f"{label:<20} {_figure(counts.f1, 8)} {_figure(counts.precision, 6)} {_figure(counts.recall, 6)} "
+                   f"{_figure(segments.per_class[label].f1, 10)}")
     return {name: scores.to_dict() for name, scores in results.items()}
+
+
+def _figure(value: float, width: int = 0) -> str:
+    """A score as printed: 3 decimals, or n/a where it is undefined (NaN)."""
+    return f"{'n/a' if math.isnan(value) else f'{value:.3f}':>{width}}"
+
+
+def _macro(scores) -> str:
+    """The macro F1 of :class:`~atst_features.scoring.DetectionScores` and the classes it averages."""
+    classes, left_out = len(scores.per_class), len(scores.undetected) + len(scores.unreferenced)
+    if not left_out:
+        return f"macro {_figure(scores.macro_f1)} ({classes} classes)"
+    return (f"macro {_figure(scores.macro_f1)} over the {classes - left_out} classes with reference and detected events "
+            f"({_figure(scores.macro_f1_all)} over all {classes}, the {left_out} others as 0)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import traceback
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from ..errors import BUG_REPORT, expected_failure, one_line_message
@@ -107,12 +108,34 @@ def cpu_precision(precision, accelerator, explicit: bool):
     return "32-true"
 
 
+def _not_a_tip(record) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_lightning() -> None:
+    """Silence what Lightning prints on every run that is noise for our users: its "💡 Tip:" promotions
+    of its cloud services (litlogger, litmodels), the deprecation warning its own code raises under
+    newer PyTorch (``LeafSpec``) and those jsonargparse raises about Lightning's CLI code (shown
+    with ``-W default``). Its other messages and warnings stay."""
+    import lightning_utilities.core.rank_zero as rank_zero  # where rank_zero_info logs
+
+    rank_zero.log.addFilter(_not_a_tip)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                            module=r"lightning\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli$")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``atst-train``: an expected failure (a bad manifest or model source, an unreadable clip, a full
     disk, out of memory) ends the run with one ``error:`` line naming it; a bug prints its traceback
-    and asks to be reported. Both exit with code 1."""
+    and asks to be reported. Both exit with code 1. A missing or invalid option is one ``error:`` line and
+    where to read the options (exit code 2)."""
     try:
         _train(argv)
+    except ArgumentError as error:  # a missing or invalid option: one line, not jsonargparse's 60 lines of usage first
+        method = (sys.argv[1:] if argv is None else argv)[0]
+        print(f"error: {' '.join(str(error).split())}\nsee: atst-train {method} --help", file=sys.stderr)
+        sys.exit(2)
     except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
         if expected_failure(error):
             print(f"error: {one_line_message(error)}", file=sys.stderr)
@@ -144,6 +167,9 @@ def _train(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     explicit_precision = any(arg.split("=", 1)[0] == "--trainer.precision" for arg in rest)
     cli_class, module, data = _classes(method, explicit_precision)
+    from .progress import ProgressLog
+
+    _quiet_lightning()
     cli = cli_class(
         module,
         data,
@@ -151,7 +177,8 @@ def _train(argv: list[str] | None) -> None:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": f"atst-train {method}"},
+        trainer_defaults={"callbacks": [ProgressLog()]},
+        parser_kwargs={"prog": f"atst-train {method}", "exit_on_error": False},  # see main()
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if method in ("finetune", "distill") and cli.datamodule.splits["test"]:

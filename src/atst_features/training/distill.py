@@ -1,5 +1,5 @@
 """ATST-C2F: fine-tune ATST-Frame on a clip-level task with a frozen fine-tuned ATST-Clip teacher
-(section 6 of ``docs/atst-reference.md``; the reference's ``module_distill*.py``).
+(``docs/reference-notes.md#c2f-distillation``; the reference's ``module_distill*.py``).
 
 The student (an ATST-Frame encoder from ``init`` with a new LinearHead) and the teacher (any model
 with a LinearHead for the same classes, e.g. ATST-Clip fine-tuned with ``atst-train finetune``;

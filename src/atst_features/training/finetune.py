@@ -1,6 +1,6 @@
 """Fine-tuning of a pretrained ATST encoder with a linear head (the paper's clip-level protocol).
 
-The reference's ``FineTuningPLModule`` (section 7.2 of ``docs/atst-reference.md``): the log-mel
+The reference's ``FineTuningPLModule`` (``docs/reference-notes.md#fine-tuning``): the log-mel
 spectrogram of a 12 s centre crop; the feature of the last block (ATST-Frame / C2F: the mean of the
 frame tokens; ATST-Clip: its CLS output and token mean), averaged over windows of 10 s (Frame) or
 6 s (Clip) of which the first always counts and a later one when it holds more than half a window;
@@ -57,7 +57,7 @@ def clip_feature(model: ATSTModel, mel: Tensor, n_frames: Tensor) -> Tensor:
 
 
 class FineTuning(SupervisedTraining):
-    """An ATST encoder from ``init`` (any :func:`~atst_features.load_model` source) with a new
+    """An ATST encoder from ``init`` (any :func:`~atst_features.load_model` source, or ``random:SOURCE``) with a new
     :class:`~atst_features.heads.LinearHead` for ``labels``, trained end to end.
 
     ``learning_rate`` is for a global batch of 256 (the peak is scaled by global batch / 256, as

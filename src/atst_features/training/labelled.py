@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..errors import InputError
-from .manifests import LabelledItem, LabelledSet, read_labelled, split_items
+from .manifests import LabelledItem, LabelledSet, groups_note, read_labelled, split_items
 from .sampling import BalancedSampler, label_balanced_weights
 
 __all__ = ["LabelledClips", "LabelledData", "collate_clips"]
@@ -95,6 +95,7 @@ class LabelledData(L.LightningDataModule):
             if other.multi_label != data.multi_label:
                 raise InputError(f"{manifest!r} and its {name} manifest disagree on 'label' / 'labels' (single / multi-label)")
             splits[name] = list(other.items)
+        self.split_description += f"; {groups_note(data)}"
         self.data: LabelledSet = data
         self.splits = splits
         self.label_names: list[str] = list(data.label_names)

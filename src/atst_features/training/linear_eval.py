@@ -1,4 +1,4 @@
-"""The paper's linear evaluation of frozen embeddings (section 7.1 of ``docs/atst-reference.md``).
+"""The paper's linear evaluation of frozen embeddings (``docs/reference-notes.md#linear-evaluation``).
 
 A :class:`~atst_features.heads.LinearHead` (BatchNorm1d without affine parameters, then a Linear
 layer initialised from N(0, 0.01^2)) trained on fixed embeddings: SGD with momentum 0.9 and no

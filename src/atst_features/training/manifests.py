@@ -6,7 +6,9 @@ A manifest is a CSV or TSV file with a header:
 - ``label`` (one class per row: single-label) or ``labels`` (several, separated by ``;`` or ``,``:
   multi-label);
 - optional ``split`` (``train``, ``valid`` or ``test``) and ``group`` (items of one group, e.g.
-  clips cut from one recording, always land on the same side of a split).
+  clips cut from one recording, always land on the same side of a split); the group column may also
+  be named as datasets name it (:data:`GROUP_COLUMNS`: ``source``, ``recording``, ESC-50's
+  ``src_file``, UrbanSound8K's ``fsID``, ...); :func:`groups_note` says which one was used.
 
 A folder ``root/<label>/*.wav`` is a shortcut for a single-label manifest without splits.
 Label names are kept in the order they first appear. A bad row raises :class:`InputError`
@@ -26,12 +28,15 @@ from ..errors import InputError
 from ..inputs import AUDIO_SUFFIXES, manifest_lines, path_column, scan_folder
 
 __all__ = [
-    "SPLITS", "LabelledItem", "LabelledSet", "group_of", "grouped_folds", "grouped_holdout", "read_labelled", "split_items",
+    "GROUP_COLUMNS", "SPLITS", "LabelledItem", "LabelledSet", "group_of", "grouped_folds", "grouped_holdout", "groups_note",
+    "read_labelled", "split_items",
 ]
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
                   "dev": "valid", "test": "test", "eval": "test", "evaluation": "test"}
+# The names of a group column (lower case), by precedence: the first one a header has is used.
+GROUP_COLUMNS = ("group", "source", "recording", "recording_id", "src_file", "fsid")
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,13 @@ class LabelledItem:
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Items, their label names (in order of first appearance) and whether rows carry several labels."""
+    """Items, their label names (in order of first appearance), whether rows carry several labels and
+    the manifest's group column (None: each item is its own group)."""
 
     items: tuple[LabelledItem, ...]
     label_names: tuple[str, ...]
     multi_label: bool
+    group_column: str | None = None
 
     def split(self, name: str) -> list[LabelledItem]:
         return [item for item in self.items if item.split == name]
@@ -113,7 +120,8 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
     multi = "labels" in header
     label_column = header.index("labels" if multi else "label")
     split_column = header.index("split") if "split" in header else None
-    group_column = header.index("group") if "group" in header else None
+    group_name = next((name for name in GROUP_COLUMNS if name in header), None)
+    group_column = header.index(group_name) if group_name else None
     items = []
     for number, row in enumerate(rows[1:], start=2):
         where = f"{str(source)!r} line {number}"
@@ -137,7 +145,14 @@ def read_labelled(source: str | os.PathLike) -> LabelledSet:
                 raise InputError(f"{where}: unknown split {cell(split_column)!r}; use train, valid or test")
         items.append(LabelledItem(path, labels, split, cell(group_column) or None))
     names = tuple(dict.fromkeys(label for item in items for label in item.labels))
-    return LabelledSet(tuple(items), names, multi_label=multi)
+    return LabelledSet(tuple(items), names, multi_label=multi, group_column=rows[0][group_column].strip() if group_name else None)
+
+
+def groups_note(data: LabelledSet) -> str:
+    """Where the groups of ``data`` come from, for a summary line."""
+    if data.group_column is None:
+        return f"no group column ({', '.join(GROUP_COLUMNS)}): each clip is its own group"
+    return f"groups from the {data.group_column!r} column"
 
 
 def group_of(item: LabelledItem) -> str:

@@ -19,7 +19,8 @@ deviation say how much the one split's figure owes to its draw.
 
 Besides model sources (anything ``load_model`` takes, training checkpoints included), two
 baselines: ``logmel`` (mean and standard deviation over time of the 64-bin log-mel front end)
-and ``random:SOURCE`` (the architecture of SOURCE with fresh random weights, seeded).
+and ``random:SOURCE`` (the architecture of SOURCE with fresh random weights, seeded): the one
+spelling of random weights, which ``atst-train --model.init`` takes too (:func:`read_model_source`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,7 +49,8 @@ from ..frontend import FrontendConfig, LogMelFrontend
 from ..loading import resolve_device
 from ..precision import slow_precision_message
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
-from .manifests import SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, read_labelled, split_items
+from .manifests import (SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, groups_note, read_labelled,
+                        split_items)
 from .metrics import score
 
 __all__ = [
@@ -57,12 +61,17 @@ __all__ = [
     "fit_linear",
     "linear_probe",
     "main",
+    "read_model_source",
     "resplit_scores",
 ]
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 LOGMEL = "logmel"
 RANDOM_PREFIX = "random:"
+# Fits on fewer feature values than this run on one thread: L-BFGS on a few hundred clips is a chain of
+# small matrix products, which a second thread slows down (37 fits of 440 x 1536 features, 11 classes:
+# 6.5 s on one thread, 32-43 s on two of a busy 2-core machine) instead of speeding up.
+ONE_THREAD_BELOW = 1 << 22
 
 
 @dataclass
@@ -105,13 +114,23 @@ def _logmel_statistics(waves: list[np.ndarray]) -> Tensor:
     return torch.stack(rows)
 
 
+def read_model_source(source: str):
+    """``(contents, random_weights)`` of a model source: ``random:SOURCE`` is the architecture of SOURCE,
+    whose weights the caller replaces by fresh random ones (``random_weights`` True); any other source is
+    read as it is (:func:`~atst_features.loading.read_source`)."""
+    from ..loading import read_source
+
+    contents, _ = read_source(source.removeprefix(RANDOM_PREFIX))
+    return contents, source.startswith(RANDOM_PREFIX)
+
+
 def _load(source: str, device: str | None, seed: int):
-    from ..loading import load_model, read_source
+    from ..loading import load_model
     from ..model import ATSTModel
 
     if not source.startswith(RANDOM_PREFIX):
         return load_model(source, device=device)
-    contents, _ = read_source(source[len(RANDOM_PREFIX) :])
+    contents, _ = read_model_source(source)
     torch.manual_seed(seed)
     model = ATSTModel(contents.config).eval()
     model.provenance = {"source_layout": f"random weights (seed {seed}) in the architecture of {contents.layout}"}
@@ -170,10 +189,22 @@ def cached_features(cache: Path | None, source: str, items: list[LabelledItem], 
 
 
 # ---------------------------------------------------------------------------------------------- classifier
+@contextmanager
+def _threads_for(x: Tensor):
+    """Inside: torch on one thread when ``x`` is small (see :data:`ONE_THREAD_BELOW`); the setting is restored after."""
+    before = torch.get_num_threads()
+    if x.numel() < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_linear(x: Tensor, y: Tensor, l2: float, multi_label: bool, max_iter: int = 300) -> tuple[Tensor, Tensor]:
     """Logistic regression by L-BFGS on standardised features ``x [N, D]``: ``y`` class indices
     ``[N]`` (softmax) or a multi-hot ``[N, C]`` (one sigmoid per class); loss + ``l2/2 * |W|^2``.
-    Returns ``(W [D, C], b [C])``."""
+    Returns ``(W [D, C], b [C])``. Small problems are solved on one thread (:data:`ONE_THREAD_BELOW`)."""
     classes = y.shape[1] if multi_label else int(y.max()) + 1
     weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
@@ -189,7 +220,8 @@ def fit_linear(x: Tensor, y: Tensor, l2: float, multi_label: bool, max_iter: int
         loss.backward()
         return loss
 
-    optimiser.step(closure)
+    with _threads_for(x):
+        optimiser.step(closure)
     return weight.detach(), bias.detach()
 
 
@@ -200,27 +232,35 @@ def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
 
 def linear_probe(
     train: Tensor, y_train: Tensor, groups: list[str], test: Tensor, y_test: Tensor, *, multi_label: bool,
-    seed: int = 0, l2_grid: tuple[float, ...] = L2_GRID, folds: int = 4,
+    seed: int = 0, l2_grid: tuple[float, ...] = L2_GRID, folds: int = 4, report: Callable[[str], None] | None = None,
 ) -> tuple[float, float, float]:
     """Choose L2 by grouped ``folds``-fold cross-validation on the train split (no group in two folds;
     ties go to the stronger L2), refit on all of train, score test. Returns ``(l2, cross-validated
-    score, test score)``; scores are accuracy, or mAP for multi-label."""
+    score, test score)``; scores are accuracy, or mAP for multi-label. ``report``: called with a line
+    per fit (which of how many, its score, its time)."""
     fold = torch.tensor(grouped_folds(groups, folds, seed))
     if len(set(groups)) < folds:
         raise InputError(f"the train split needs at least {folds} groups (recordings) to choose the L2 strength")
     splits = [(*_standardise(train[fold != held], train[fold == held]), fold != held) for held in range(folds)]
+    metric, total = "mAP" if multi_label else "accuracy", len(l2_grid) * folds + 1
+
+    def fitted_score(number: int, what: str, fit_x, fit_y, l2: float, score_x, score_y) -> float:
+        started = time.perf_counter()
+        weight, bias = fit_linear(fit_x, fit_y, l2, multi_label)
+        value = score(score_x.double() @ weight + bias, score_y, multi_label)
+        if report is not None:
+            report(f"fit {number}/{total}: L2 {l2:.0e}, {what} {metric} {value:.3f} ({time.perf_counter() - started:.1f} s)")
+        return value
+
     best = None
-    for l2 in sorted(l2_grid, reverse=True):
-        scores = []
-        for fit_x, held_x, fitted in splits:
-            weight, bias = fit_linear(fit_x, y_train[fitted], l2, multi_label)
-            scores.append(score(held_x.double() @ weight + bias, y_train[~fitted], multi_label))
+    for index, l2 in enumerate(sorted(l2_grid, reverse=True)):
+        scores = [fitted_score(index * folds + held + 1, f"fold {held + 1}/{folds}:", fit_x, y_train[fitted], l2, held_x,
+                               y_train[~fitted]) for held, (fit_x, held_x, fitted) in enumerate(splits)]
         mean = float(np.nanmean(scores))
         if best is None or mean > best[1] + 1e-12:
             best = (l2, mean)
     train_x, test_x = _standardise(train, test)
-    weight, bias = fit_linear(train_x, y_train, best[0], multi_label)
-    return best[0], best[1], score(test_x.double() @ weight + bias, y_test, multi_label)
+    return best[0], best[1], fitted_score(total, "all of train: test", train_x, y_train, best[0], test_x, y_test)
 
 
 def resplit_scores(
@@ -267,7 +307,8 @@ def _probe(source: str, protocol: str, data, splits: dict, waves, options: dict)
         train_x = torch.cat([parts["train"], parts["valid"]])
         train_y = torch.cat([targets["train"], targets["valid"]])
         l2, selection, test = linear_probe(train_x, train_y, groups, parts["test"], targets["test"],
-                                           multi_label=data.multi_label, seed=options["seed"])
+                                           multi_label=data.multi_label, seed=options["seed"],
+                                           report=lambda line: click.echo(f"{source}: {line}", err=True))
         setting = f"L2 {l2:.0e}"
         if options["resplits"]:
             strata = None if data.multi_label else [item.labels[0] for item in items]
@@ -328,7 +369,7 @@ def main(manifest: Path, models: tuple[str, ...], protocol: str, n_blocks, learn
             every_group = {group_of(item) for name in SPLITS for item in splits[name]}
             options["test_share"] = len({group_of(item) for item in splits["test"]}) / len(every_group)
         click.echo(f"{manifest}: {len(data.items)} clips, {len(data.label_names)} classes "
-                   f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}", err=True)
+                   f"({'multi' if data.multi_label else 'single'}-label); {counts} by {how}; {groups_note(data)}", err=True)
         waves = functools.cache(lambda: {name: _waveforms(splits[name], options["crop_seconds"]) for name in SPLITS})
         results = [_probe(source, protocol, data, splits, waves, options) for source in models]
     except ATSTError as error:

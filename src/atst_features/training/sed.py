@@ -3,9 +3,10 @@
 Data (:class:`EventData`): an audio folder with a strong-label TSV in the DESED format
 (``filename onset offset event_label``) and/or a weak-label TSV (``filename event_labels``, labels
 separated by commas), read by :mod:`atst_features.events`. Each clip gives its first
-``clip_seconds`` (10 s, one encoder window); a strong clip gets per-token targets (a token, 40 ms
-for the official models, is active when an event covers at least half of it, or lies within it),
-computed from the model's own token spacing, a weak clip clip-level targets.
+``clip_seconds`` (10 s, one encoder window; a warning line says how many clips are longer); a strong
+clip gets per-token targets (a token, 40 ms for the official models, is active when an event covers
+at least half of it, or lies within it), computed from the model's own token spacing, a weak clip
+clip-level targets.
 
 Model (:class:`SoundEventDetection`): the last block's frame tokens into an
 :class:`~atst_features.heads.EventHead` (strong: per-token sigmoid; weak: attention pooling). Loss:
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import soundfile
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..audio import SAMPLE_RATE, load_audio
 from ..errors import InputError
 from ..events import read_strong_labels, read_weak_labels
+from .progress import say
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
 __all__ = ["EventData", "SoundEventDetection", "event_targets", "frame_targets", "weak_targets"]
@@ -89,6 +92,14 @@ class _EventClips(Dataset):
         return waveform, events, weak
 
 
+def _seconds(path: Path) -> float:
+    """The duration in a file's header; 0 for an unreadable one (the loader reports it when it decodes it)."""
+    try:
+        return soundfile.info(str(path)).duration
+    except (RuntimeError, OSError):
+        return 0.0
+
+
 def _collate(batch):
     """``(waveforms [B, N], n_samples [B], strong events per clip, weak labels per clip)``: the module
     makes the targets, on the model's tokens and in the order of its labels (:func:`event_targets`)."""
@@ -139,6 +150,20 @@ class EventData(L.LightningDataModule):
         self.label_names: list[str] = sorted(labels)
         self.multi_label = True
         self.splits = {"train": train, "valid": valid}
+        self.split_description = ("--data.valid_strong / --data.valid_weak" if valid_strong or valid_weak
+                                  else f"valid: {valid_share:.0%} of the clips, seed {seed}")
+        self._say_crops(train + valid)
+
+    def _say_crops(self, clips: list[tuple[str, list | None, list | None]]) -> None:
+        """One line when clips last longer than ``clip_seconds``: only their first ``clip_seconds`` are used."""
+        longer = sum(_seconds(self.root / name) > self.clip_seconds + 1e-3 for name, _, _ in clips)
+        if not longer:
+            return
+        late = sum(event.onset >= self.clip_seconds for _, strong, _ in clips for event in strong or ())
+        seconds = f"{self.clip_seconds:g} s"
+        say(f"warning: {longer} of {len(clips)} clips last longer than {seconds} (--data.clip_seconds, at most 10: one "
+            f"encoder window); only their first {seconds} are used"
+            + (f": {late} strong events that start later are left out" if late else ""))
 
     def _clips(self, strong: str | None, weak: str | None) -> list[tuple[str, list | None, list | None]]:
         strong_labels = read_strong_labels(strong) if strong else {}

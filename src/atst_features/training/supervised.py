@@ -28,12 +28,13 @@ def model_from_source(
     init: str, labels: list[str], *, multi_label: bool, head_type: str = "clip", drop_path_rate: float = 0.1,
     kind: str | None = None, head_norm: bool = False,
 ) -> ATSTModel:
-    """The encoder of ``init`` (any :func:`~atst_features.load_model` source) with a new head for
-    ``labels`` (``head_type`` "clip": LinearHead; "events": EventHead), in float32; ``mask_embed``
-    (pretraining only) frozen. ``kind`` overrides the model kind (default: a C2F source becomes "frame")."""
-    from ..loading import read_source
+    """The encoder of ``init`` (any :func:`~atst_features.load_model` source, or ``random:SOURCE``: its
+    architecture with random weights, as atst-probe spells it) with a new head for ``labels``
+    (``head_type`` "clip": LinearHead; "events": EventHead), in float32; ``mask_embed`` (pretraining
+    only) frozen. ``kind`` overrides the model kind (default: a C2F source becomes "frame")."""
+    from .probe import read_model_source
 
-    contents, _ = read_source(init)
+    contents, random_weights = read_model_source(init)
     encoder = dataclasses.replace(contents.config.encoder, drop_path_rate=drop_path_rate)
     if encoder.n_prompts:
         raise InputError(f"{init!r}: training encoders with prompt tokens is not supported")
@@ -43,7 +44,8 @@ def model_from_source(
     config = ModelConfig(kind, encoder, contents.config.frontend, len(labels), tuple(labels), multi_label, head_type,
                          head_norm)
     model = ATSTModel(config)
-    model.encoder.load_state_dict({k: v.float() for k, v in contents.encoder_state.items()})
+    if not random_weights:
+        model.encoder.load_state_dict({k: v.float() for k, v in contents.encoder_state.items()})
     model.encoder.mask_embed.requires_grad_(False)
     return model
 
