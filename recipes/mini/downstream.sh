@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Downstream" results on the held-out set of atst-frame-mini: both linear protocols
+# The results on the held-out set of atst-frame-mini in docs/downstream.md: both linear protocols
 # and fine-tuning (from the packaged weights and from random weights), then an export and atst-tag.
 #
 #   bash recipes/mini/downstream.sh
