@@ -6,11 +6,14 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from atst_features.cli.tag import tag
 from atst_features.cli.tools import convert, export, models
 from atst_features.errors import InputError, SlowPrecisionWarning
 from atst_features.hub import no_connection
+from atst_features import official
 from atst_features.official import official_folder
 from atst_features.registry import DEFAULT_MODEL, OFFLINE_MODEL, REGISTRY
 
@@ -92,6 +96,33 @@ def test_failed_first_download_leaves_no_lock_or_empty_folders(hub_cache, monkey
     assert not official_folder(entry).parent.exists()
 
 
+def test_a_waiter_locks_anew_after_a_failed_first_download(tmp_path):
+    """The holder fails and removes the lock and its folders while another load waits: the waiter goes on."""
+    home = tmp_path / "atst-features-official" / "atst-frame-base"
+    holding, fail, waited = threading.Event(), threading.Event(), []
+
+    def first():
+        with suppress(DownloadError), official._locked(home):
+            holding.set()
+            fail.wait(10)
+            raise DownloadError("refused")
+
+    def second():
+        with official._locked(home):
+            waited.append(home.is_dir())
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert holding.wait(10)
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.5)  # the waiter is polling the lock
+    fail.set()
+    holder.join(10)
+    waiter.join(10)
+    assert waited == [True]
+
+
 def test_unreachable_hub_fails_at_once(hub_cache):
     started = time.perf_counter()
     with pytest.raises(DownloadError) as info:
@@ -106,6 +137,8 @@ def test_unreachable_hub_fails_at_once(hub_cache):
     (ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
     (OSError(101, "Network is unreachable"), "Network is unreachable"),
     (urllib.error.URLError(TimeoutError("timed out")), None),  # a slow network: worth the retries
+    (urllib.error.URLError(ConnectionResetError(104, "Connection reset by peer")), None),  # transient
+    (socket.gaierror(-2, "Name or service not known"), "Name or service not known"),
     (TimeoutError("timed out"), None),
     (urllib.error.HTTPError("http://x", 503, "Service Unavailable", {}, None), None),  # an answer
 ])

@@ -16,6 +16,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def run(*args, cwd: Path, env: dict | None = None) -> str:
+    env = dict(os.environ if env is None else env, PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")  # pip: no ~/.cache
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -9,9 +9,11 @@ the registry's (:mod:`atst_features.registry`), or from the Hub's own LFS hash, 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import ssl
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ __all__ = ["cache_dir_of", "download", "looks_like_repo_id", "no_connection", "o
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CONNECT_TIMEOUT_S = 10  # unreachable(): a host slower than this to accept a connection counts as reachable
+CONNECT_TIMEOUT_S = 3  # unreachable(): a host slower than this to accept a connection (a firewall that drops) counts as reachable
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -58,7 +60,9 @@ def no_connection(error: BaseException) -> str | None:
     means that no connection can be made at all: no such host, refused, no route, a bad certificate; retrying in
     a few seconds would not help. None for anything else, a timeout included (a slow network is worth waiting for)."""
     reason = getattr(error, "reason", error)  # an HTTPError's is its status text: an answer, not a failed connection
-    if not isinstance(reason, OSError) or isinstance(reason, TimeoutError):
+    hopeless = isinstance(reason, (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)) or (
+        isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH))
+    if not hopeless:  # a timeout, a reset connection: worth another attempt
         return None
     return reason.strerror or str(reason) or type(reason).__name__
 

@@ -18,10 +18,12 @@ from .official import fetch_official, install_official
 from .pretrained import read_pretrained
 from .registry import DEFAULT_MODEL, REGISTRY, official_entry
 
-__all__ = ["install_checkpoint", "load_model", "read_source", "resolve_device", "resolve_dtype"]
+__all__ = ["RANDOM_PREFIX", "install_checkpoint", "load_model", "read_model_source", "read_source", "resolve_device",
+           "resolve_dtype"]
 
 # A source with one of these suffixes is a file path, never a Hub id.
 CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
+RANDOM_PREFIX = "random:"  # read_model_source(): the architecture of what follows, with random weights
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,6 +97,15 @@ def read_source(
     raise ModelNotFoundError(
         f"{name!r} is not a file, a folder, a registry name ({', '.join(REGISTRY)}) or a Hub id (org/name)"
     )
+
+
+def read_model_source(source: str):
+    """``(contents, random_weights)`` of a model source: ``random:SOURCE`` is the architecture of SOURCE,
+    whose weights the caller replaces by fresh random ones (``random_weights`` True; atst-probe's
+    ``--model`` and atst-train's ``--model.init`` spell random weights so); any other source is read as
+    it is (:func:`read_source`)."""
+    contents, _ = read_source(source.removeprefix(RANDOM_PREFIX))
+    return contents, source.startswith(RANDOM_PREFIX)
 
 
 def install_checkpoint(name: str, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -45,6 +45,7 @@ MODEL_FOLDER = "model"
 SOURCE_FOLDER = "source"  # the downloaded checkpoint, under the server's name, while it is converted
 PARTIAL_NAME = "checkpoint.partial"
 LOCK_NAME = ".lock"
+LOCK_ATTEMPTS = 5  # _locked(): times a waiter locks anew after the holder removed the folder
 CHUNK_BYTES = 1 << 20
 MAX_BYTES = 8 << 30  # no ATST checkpoint is near this; a server sending more is refused
 MAX_PAGE_BYTES = 1 << 20  # an HTML page (Drive's confirmation) is read up to this size
@@ -115,18 +116,27 @@ def holds_model_of(entry: PretrainedModel, origin: str, hint: str):
 def _locked(home: Path):
     """Inside: ``home`` exists and this process holds its lock (one download or installation at a time). A
     failure that leaves ``home`` holding nothing but the lock removes both (and the folder of all official
-    models, if empty): a failed first download leaves nothing behind. Waiters then lock a new file."""
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / LOCK_NAME)):
+    models, if empty): a failed first download leaves nothing behind. Waiters then lock a new file in a new folder."""
+    for attempt in range(LOCK_ATTEMPTS):
+        home.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(home / LOCK_NAME))
         try:
-            yield
-        except BaseException:
-            if [path.name for path in home.iterdir()] == [LOCK_NAME]:
-                with suppress(OSError):  # another process may have come in meanwhile: then it stays
-                    (home / LOCK_NAME).unlink()
-                    home.rmdir()
-                    home.parent.rmdir()
-            raise
+            lock.acquire()
+            break
+        except FileNotFoundError:  # the holder failed and removed the folder while this process waited
+            if attempt == LOCK_ATTEMPTS - 1:
+                raise
+    try:
+        yield
+    except BaseException:
+        if [path.name for path in home.iterdir()] == [LOCK_NAME]:
+            with suppress(OSError):  # another process may have come in meanwhile: then it stays
+                (home / LOCK_NAME).unlink()
+                home.rmdir()
+                home.parent.rmdir()
+        raise
+    finally:
+        lock.release()
 
 
 def _cached(home: Path) -> bool:

@@ -58,19 +58,33 @@ class _DecoderNotesDropped:
 
     def __enter__(self) -> None:
         with self.lock:
-            if not self.inside:
-                self.terminal = os.dup(2)
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 2)
-                os.close(null)
             self.inside += 1
+            if self.inside == 1:
+                self.terminal = os.dup(2)
+                try:
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    try:
+                        os.dup2(null, 2)
+                    finally:
+                        os.close(null)
+                except BaseException:  # an interruption half-way (SIGTERM is a KeyboardInterrupt here) undoes it
+                    self.inside -= 1
+                    self._restore()
+                    raise
 
     def __exit__(self, *exc) -> None:
         with self.lock:
-            self.inside -= 1
-            if not self.inside:
-                os.dup2(self.terminal, 2)
-                os.close(self.terminal)
+            try:
+                self.inside -= 1
+            finally:
+                if not self.inside:
+                    self._restore()
+
+    def _restore(self) -> None:
+        try:
+            os.dup2(self.terminal, 2)
+        finally:
+            os.close(self.terminal)
 
 
 _decoder_notes_dropped = _DecoderNotesDropped()

@@ -20,7 +20,8 @@ deviation say how much the one split's figure owes to its draw.
 Besides model sources (anything ``load_model`` takes, training checkpoints included), two
 baselines: ``logmel`` (mean and standard deviation over time of the 64-bin log-mel front end)
 and ``random:SOURCE`` (the architecture of SOURCE with fresh random weights, seeded): the one
-spelling of random weights, which ``atst-train --model.init`` takes too (:func:`read_model_source`).
+spelling of random weights, which ``atst-train --model.init`` takes too
+(:func:`atst_features.loading.read_model_source`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..errors import ATSTError, InputError
 from ..frontend import FrontendConfig, LogMelFrontend
-from ..loading import resolve_device
+from ..loading import RANDOM_PREFIX, read_model_source, resolve_device
 from ..precision import slow_precision_message
 from .linear_eval import REFERENCE_LEARNING_RATES, linear_evaluation
 from .manifests import (SPLITS, LabelledItem, group_of, grouped_folds, grouped_holdout, groups_note, read_labelled,
@@ -61,13 +62,11 @@ __all__ = [
     "fit_linear",
     "linear_probe",
     "main",
-    "read_model_source",
     "resplit_scores",
 ]
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 LOGMEL = "logmel"
-RANDOM_PREFIX = "random:"
 # Fits on fewer feature values than this run on one thread: L-BFGS on a few hundred clips is a chain of
 # small matrix products, which a second thread slows down (37 fits of 440 x 1536 features, 11 classes:
 # 6.5 s on one thread, 32-43 s on two of a busy 2-core machine) instead of speeding up.
@@ -112,16 +111,6 @@ def _logmel_statistics(waves: list[np.ndarray]) -> Tensor:
         mel, _ = frontend(waveform[None])
         rows.append(torch.cat([mel[0].mean(dim=-1), mel[0].std(dim=-1, unbiased=False)]))
     return torch.stack(rows)
-
-
-def read_model_source(source: str):
-    """``(contents, random_weights)`` of a model source: ``random:SOURCE`` is the architecture of SOURCE,
-    whose weights the caller replaces by fresh random ones (``random_weights`` True); any other source is
-    read as it is (:func:`~atst_features.loading.read_source`)."""
-    from ..loading import read_source
-
-    contents, _ = read_source(source.removeprefix(RANDOM_PREFIX))
-    return contents, source.startswith(RANDOM_PREFIX)
 
 
 def _load(source: str, device: str | None, seed: int):

@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 __all__ = ["ProgressLog", "say"]
@@ -47,7 +48,7 @@ class ProgressLog(L.Callback):
         self.clips += len(batch[0]) * trainer.world_size
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.loss = float(loss)
+            self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss  # read when a line is printed: no sync per step
         if self.lines and time.perf_counter() - self.last >= self.interval:
             self._line(trainer, {})
 
@@ -63,6 +64,6 @@ class ProgressLog(L.Callback):
         total = trainer.estimated_stepping_batches
         steps = f"/{int(total)}" if math.isfinite(total) else ""
         elapsed = timedelta(seconds=round(now - self.started))
-        figures = ", ".join([f"loss {self.loss:.4g}", *(f"{name} {value:.3f}" for name, value in scores.items())])
+        figures = ", ".join([f"loss {float(self.loss):.4g}", *(f"{name} {value:.3f}" for name, value in scores.items())])
         say(f"epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step}{steps}: {figures}, "
             f"{self.clips / max(now - self.started, 1e-9):.1f} clips/s, {elapsed} elapsed")

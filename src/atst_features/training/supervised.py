@@ -32,7 +32,7 @@ def model_from_source(
     architecture with random weights, as atst-probe spells it) with a new head for ``labels``
     (``head_type`` "clip": LinearHead; "events": EventHead), in float32; ``mask_embed`` (pretraining
     only) frozen. ``kind`` overrides the model kind (default: a C2F source becomes "frame")."""
-    from .probe import read_model_source
+    from ..loading import read_model_source
 
     contents, random_weights = read_model_source(init)
     encoder = dataclasses.replace(contents.config.encoder, drop_path_rate=drop_path_rate)
