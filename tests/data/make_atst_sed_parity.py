@@ -21,7 +21,6 @@ writes ``tests/data/formats/atst_sed_small.json`` (the checkpoint's keys and sha
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference_checkout import reference_checkout  # beside this script
 
 HERE = Path(__file__).parent
 CASES = {"a_4s": (4.0, 1, 1.0), "b_10s": (10.0, 3, 1.0), "c_23s": (23.3, 4, 1.0), "d_4s_quiet": (4.0, 5, 1e-3)}
@@ -50,12 +50,7 @@ def _module_from(path: Path, name: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="a checkout of github.com/Audio-WestlakeU/ATST-SED")
-    args = parser.parse_args()
-    root = Path(args.reference).resolve()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(root))
+    root = reference_checkout(__doc__.splitlines()[0], "Audio-WestlakeU/ATST-SED")
     sys.modules.setdefault("h5py", types.ModuleType("h5py"))  # imported, never used, by its datasets module
     import recipe
     from desed_task.nnet import CRNN_e2e

@@ -28,7 +28,6 @@ hyper-parameters) and ``tests/data/expected_audiossl_{as_strong,as2m}_small.npz`
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from reference_checkout import reference_checkout  # beside this script
 
 HERE = Path(__file__).parent
 STRONG_CASES = {"a_3s": (3.0, 1), "b_10s": (10.0, 3), "c_23s": (23.3, 4)}
@@ -147,12 +147,7 @@ def as2m(recipe) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="a checkout of github.com/Audio-WestlakeU/audiossl")
-    args = parser.parse_args()
-    root = Path(args.reference).resolve()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(root))
+    root = reference_checkout(__doc__.splitlines()[0], "Audio-WestlakeU/audiossl")
     for name in UNUSED:
         sys.modules[name] = _stand_in(name)
     import recipe

@@ -17,26 +17,20 @@ a plain state dict, as the released file) and ``tests/data/expected_pretrainedse
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from reference_checkout import reference_checkout  # beside this script
 
 HERE = Path(__file__).parent
 CASES = {"a_3s": (3.0, 1, 1.0), "b_10s": (10.0, 3, 1.0), "c_23s": (23.3, 4, 1.0), "d_4s_quiet": (4.0, 5, 1e-3)}  # s, seed, gain
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="a checkout of github.com/fschmid56/PretrainedSED")
-    args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, os.path.abspath(args.reference))
+    reference_checkout(__doc__.splitlines()[0], "fschmid56/PretrainedSED")
     import recipe
     from models.atstframe.ATSTF_wrapper import ATSTWrapper
     from models.atstframe.audio_transformer import FrameAST
