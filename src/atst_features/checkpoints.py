@@ -297,12 +297,15 @@ def parse_state_dict(
     if head_prefix is not None:
         head_state = {ours + k[len(head_prefix) :]: v for k, v in state.items()
                       if k.startswith(head_prefix) and not k.startswith(prefix)} or None
-    if head_state is not None and not required and head_of_weights(head_state, config) is None:
-        head_state = None
+    spec = None  # head_of_weights builds every kind of head (on the meta device): once per checkpoint
+    if head_state is not None and not required:
+        spec = head_of_weights(head_state, config)
+        if spec is None:
+            head_state = None
     if head_state is not None:
         if any(not isinstance(value, Tensor) for value in head_state.values()):
             raise CheckpointError(f"{name}: the head under {head_prefix!r} holds values that are not tensors")
-        spec = head_of_weights(head_state, config)
+        spec = spec or head_of_weights(head_state, config)
         if spec is None:
             kinds = "; ".join(f"{other}: {sorted(_expected_state(functools.partial(spec.new, config, 1)))[:4]}..."
                               for other, spec in HEADS.items())

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .events import Event, decode_events, median_filter, per_class
-from .windows import FiniteCheck, Window
+from .windows import FiniteCheck, Window, plan_windows
 
 __all__ = ["DEFAULTS", "WINDOWS", "check_settings", "detect_events", "event_probabilities", "frame_seconds", "settings",
            "timestamps"]
@@ -157,12 +157,8 @@ def _audio_windows(model, waves: list[Tensor], hop: int, batch_size: int) -> Ite
     its start in the head's frames, rounded (ATST-SED's 64 ms frames do not divide a 3 s hop: each
     window is placed within half a frame, none drifts)."""
     width, step = model.window_samples, hop * model.config.encoder.patch_frames * model.config.frontend.hop_length
-    starts = []  # (item, first sample): the windows, cut batch by batch (an hour holds 1 200 windows of 3 s)
-    for item, wave in enumerate(waves):
-        for start in range(0, wave.numel(), step):
-            starts.append((item, start))
-            if start + width >= wave.numel():
-                break
+    # (item, first sample): the windows, cut batch by batch (an hour holds 1 200 windows of 3 s)
+    starts = [(item, start) for item, wave in enumerate(waves) for start, _ in plan_windows(wave.numel(), width, step, 1)]
     frame = _frame_samples(model)
     reads_audio = getattr(model.head_spec, "reads_audio", False)
     check = FiniteCheck()

@@ -68,12 +68,12 @@ def plot_events(model, audio, path: str | os.PathLike, *, sample_rate: int | Non
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("plotting needs matplotlib: pip install matplotlib") from None
-    if events is None or probabilities is None:
-        (events,), (probabilities,) = detect_events(model, audio, sample_rate=sample_rate, **settings)
-    waves, _ = model._prepare(audio, sample_rate)
+    waves, _ = model._prepare(audio, sample_rate)  # decoded once, for the detection and the spectrogram
     if len(waves) != 1:
         raise InputError(f"plot_events draws one clip, got {len(waves)}")
     wave = waves[0]
+    if events is None or probabilities is None:
+        (events,), (probabilities,) = detect_events(model, wave, sample_rate=model.sample_rate, **settings)
     if title is None:
         title = str(audio) if isinstance(audio, (str, os.PathLike)) else ""
     labels = list(model.labels)

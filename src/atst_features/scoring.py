@@ -39,7 +39,7 @@ import numpy as np
 from .errors import InputError
 from .events import Event
 
-__all__ = ["PSDS_SCENARIOS", "Counts", "DetectionScores", "event_based", "psds", "read_score_tables", "segment_based",
+__all__ = ["PSDS_SCENARIOS", "Counts", "DetectionScores", "event_based", "psds", "psds_of_scenarios", "read_score_tables", "segment_based",
            "write_score_table"]
 
 # The DCASE 2021-2024 task 4 scenarios (the baselines' settings), both up to 100 false positives per hour.
@@ -255,6 +255,12 @@ def psds(reference: dict[str, list[Event]], tables: dict[str, tuple[np.ndarray, 
     :func:`~atst_features.events.read_strong_labels` gives them). As the DCASE baselines, the files
     scored are the reference's files with events; each needs a table (other tables are left out).
     Durations are the tables' last offsets."""
+    return psds_of_scenarios(reference, tables, (scenario,))[scenario]
+
+
+def psds_of_scenarios(reference: dict[str, list[Event]], tables: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
+                      scenarios=tuple(PSDS_SCENARIOS)) -> dict[str, tuple[float, dict[str, float]]]:
+    """:func:`psds` of each of ``scenarios``, the checks and score tables prepared once for all."""
     _check_scorer()
     with warnings.catch_warnings():  # its sed_eval -> dcase_util imports warn about setuptools' pkg_resources
         warnings.simplefilter("ignore")
@@ -282,6 +288,9 @@ def psds(reference: dict[str, list[Event]], tables: dict[str, tuple[np.ndarray, 
                 raise InputError(f"the reference has overlapping or touching {label!r} events in {name!r}; merge them")
     scores = {name: create_score_dataframe(values, edges, labels) for name, (edges, values, _) in tables.items()}
     durations = {name: float(edges[-1]) for name, (edges, _, _) in tables.items()}
-    value, per_class, *_ = exact_psds(scores, ground_truth, durations, unit_of_time="hour",
-                                      **PSDS_SCENARIOS[scenario])
-    return float(value), {label: float(v) for label, v in per_class.items()}
+    results = {}
+    for scenario in scenarios:
+        value, per_class, *_ = exact_psds(scores, ground_truth, durations, unit_of_time="hour",
+                                          **PSDS_SCENARIOS[scenario])
+        results[scenario] = float(value), {label: float(v) for label, v in per_class.items()}
+    return results

@@ -169,7 +169,7 @@ def score(reference: Path, detected: Path | None, scores_dir: Path | None, colla
     F1, micro and macro, per class, with the definitions of sed_eval (which it equals); PSDS1 and
     PSDS2 with sed_scores_eval."""
     from ..events import read_events, read_strong_labels
-    from ..scoring import PSDS_SCENARIOS, psds, read_score_tables
+    from ..scoring import PSDS_SCENARIOS, psds_of_scenarios, read_score_tables
 
     if detected is None and scores_dir is None:
         raise click.UsageError("give DETECTED events (a TSV) and/or --scores DIR")
@@ -182,8 +182,8 @@ def score(reference: Path, detected: Path | None, scores_dir: Path | None, colla
     if scores_dir is not None:
         tables, by_file = read_score_tables(scores_dir), read_strong_labels(reference)
         payload["psds"] = {}
-        for scenario, settings in PSDS_SCENARIOS.items():
-            value, per_class = psds(by_file, tables, scenario)
+        for scenario, (value, per_class) in psds_of_scenarios(by_file, tables).items():
+            settings = PSDS_SCENARIOS[scenario]
             payload["psds"][scenario] = {"value": value, "per_class": per_class, **settings}
             click.echo(f"{scenario} {value:.3f} (dtc {settings['dtc_threshold']:g}, gtc {settings['gtc_threshold']:g}"
                        + (f", cttc {settings['cttc_threshold']:g}" if settings["cttc_threshold"] else "")
