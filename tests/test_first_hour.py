@@ -179,7 +179,7 @@ def _failing_write(self, item, arrays, frames):
 
 @pytest.mark.parametrize("target, replacement, first", [
     ("atst_features.cli.runs._decode", _raise_bug, "Traceback (most recent call last):"),
-    ("atst_features.cli.pipeline.Outputs.write", _failing_write, "Error: cannot write this"),
+    ("atst_features.cli.destinations.FileOutputs.write", _failing_write, "Error: cannot write this"),
     ("atst_features.cli.runs._decode", _warn_and_decode, "warning: slower than you think"),
 ])
 def test_messages_during_a_run_start_their_own_line(tmp_path, monkeypatch, target, replacement, first):

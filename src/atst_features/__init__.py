@@ -8,6 +8,7 @@ from .hub import push_to_hub
 from .loading import install_checkpoint, load_model
 from .model import ATSTModel
 from .pretrained import save_pretrained
+from .reading import export_memmap, read_embeddings
 from .registry import PretrainedModel, list_models
 from .version import __version__
 
@@ -17,12 +18,14 @@ __all__ = [
     "PretrainedModel",
     "convert_checkpoint",
     "example_audio",
+    "export_memmap",
     "get_clip_embedding",
     "get_frame_embeddings",
     "install_checkpoint",
     "list_models",
     "load_model",
     "push_to_hub",
+    "read_embeddings",
     "save_pretrained",
     "__version__",
 ]

@@ -7,14 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
 
 from ..inputs import AudioInput
-from ..outputs import FORMATS, output_files
+from ..outputs import FORMATS
 from ..registry import DEFAULT_MODEL
+from .destinations import FileOutputs, ShardOutputs
 from .common import (
     BATCH_SIZE_OPTION,
     CONTEXT,
@@ -27,7 +29,7 @@ from .common import (
     one_line_errors,
 )
 from .jobs import run_jobs
-from .pipeline import Outputs, embed_items
+from .pipeline import embed_items
 from .runs import Run, raise_keyboard_interrupt
 
 __all__ = ["embed"]
@@ -56,7 +58,7 @@ def _shard(shard: str | None, device: str | None) -> tuple[int, int, str | None]
 def _check_beside_inputs(items: list[AudioInput]) -> None:
     """Outputs beside the inputs (no -o or -d): a usage error naming -o and -d when an input's folder is inside
     the installed package (its example audio) or cannot be written."""
-    for folder in sorted({item.path.parent for item in items}):
+    for folder in sorted({Path(os.path.dirname(item.path_str)) for item in items}):
         real = folder.resolve()
         if real == PACKAGE or PACKAGE in real.parents:
             reason = "is inside the installed atst-features package"
@@ -66,14 +68,6 @@ def _check_beside_inputs(items: list[AudioInput]) -> None:
             continue
         raise click.UsageError(f"outputs go beside the inputs by default, but {str(folder)!r} {reason}: write them "
                                "elsewhere with -o FILE.npz (one input) or -d DIR")
-
-
-def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None) -> Path:
-    if output is not None:
-        return output.with_name(output.stem)
-    if output_dir is not None:
-        return output_dir / item.relative.parent / item.relative.stem
-    return item.path.with_name(item.path.stem)
 
 
 @click.command(context_settings=CONTEXT)
@@ -93,7 +87,10 @@ def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None)
               help="Write outputs here, mirroring the input folders [default: beside each input].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file for a single input (.npz or .pt).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format [default: npz].")
+@click.option("--format", "fmt", type=click.Choice([*FORMATS, "tar"]), default=None,
+              help="Output format [default: npz]; tar: WebDataset tar shards in -d DIR, with an index each.")
+@click.option("--files-per-tar", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Inputs per tar shard (--format tar).")
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (default: skip them, so a rerun resumes).")
 @click.option("--shard", default=None, metavar="K/N",
               help="Embed only the K-th of N parts of the sorted inputs (array jobs: K = 1..N). Under torchrun, "
@@ -105,7 +102,7 @@ def _output_base(item: AudioInput, output_dir: Path | None, output: Path | None)
 @QUIET_OPTION
 @one_line_errors
 def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batch_size, num_workers, output_dir, output,
-          fmt, overwrite, shard, jobs, quiet) -> None:
+          fmt, files_per_tar, overwrite, shard, jobs, quiet) -> None:
     """Embed audio files with an ATST model.
 
     INPUTS are audio files, folders (searched recursively for audio files) or glob patterns
@@ -125,17 +122,19 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
     if output is not None and len(items) != 1:
         raise click.UsageError(f"-o/--output takes exactly one input, got {len(items)}; use --output-dir")
 
-    keys = LEVEL_KEYS[level]
-    bases = {item: _output_base(item, output_dir, output) for item in items}
-    owners: dict[Path, AudioInput] = {}
-    for item, base in bases.items():
-        for path in output_files(base, fmt, keys):
-            if path in owners:
-                raise click.UsageError(f"{str(owners[path].path)!r} and {str(item.path)!r} would both write {str(path)!r}")
-            owners[path] = item
     part, parts, device = _shard(shard, device)
-    items = sorted(items, key=lambda item: os.fsencode(item.path))[part - 1 :: parts]
-    todo = [item for item in items if overwrite or not all(p.exists() for p in output_files(bases[item], fmt, keys))]
+    metadata = {"model": str(model_name)}
+    if fmt == "tar":
+        if output_dir is None or overwrite:
+            raise click.UsageError("--format tar writes shards into a folder (-d DIR) and never overwrites them: "
+                                   + ("give -d DIR" if output_dir is None else "use a new folder instead of --overwrite"))
+        outputs = ShardOutputs(output_dir, metadata, files_per_tar, "shard" if parts == 1 else f"shard-{part}of{parts}")
+    else:
+        outputs = FileOutputs(fmt, metadata, tuple(LEVEL_KEYS[level]), output_dir, output)
+    outputs.check_distinct(items)
+    items.sort(key=lambda item: os.fsencode(item.path_str))
+    items = items[part - 1 :: parts]
+    todo = items if overwrite else outputs.todo(items)
     skipped = len(items) - len(todo)
     if output is None and output_dir is None:
         _check_beside_inputs(todo)
@@ -152,7 +151,7 @@ def embed(inputs, manifest, level, model_name, device, precision, n_blocks, batc
         if not quiet:
             click.echo(run.summary(skipped), err=True)
         return
-    outputs = Outputs(bases, fmt, {"model": str(model_name), "n_blocks": n_blocks})
+    outputs = replace(outputs, metadata={**outputs.metadata, "n_blocks": n_blocks})
     options = dict(level=level, n_blocks=n_blocks, batch_size=batch_size, num_workers=num_workers)
     jobs = min(jobs, len(todo))
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)

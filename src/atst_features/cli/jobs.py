@@ -16,7 +16,8 @@ import torch
 
 from ..errors import BUG_REPORT, SlowPrecisionWarning, expected_failure, one_line_message
 from ..inputs import AudioInput
-from .pipeline import Outputs, embed_items
+from .destinations import Outputs
+from .pipeline import embed_items
 from .runs import Reporter, Run, python_stderr_kept, raise_keyboard_interrupt
 
 __all__ = ["JobReporter", "run_jobs"]
@@ -104,7 +105,7 @@ def run_jobs(jobs: int, todo: list[AudioInput], run: Run, outputs: Outputs, mode
             job_device = f"cuda:{index % torch.cuda.device_count()}"
         part = todo[index::jobs]
         process = context.Process(target=_job, name=f"atst-embed-job-{index + 1}", daemon=True, args=(
-            index, part, outputs.part(part), model_name, job_device, precision, threads, options, messages, os.getpid()))
+            index, part, outputs.part(index), model_name, job_device, precision, threads, options, messages, os.getpid()))
         process.start()
         processes.append(process)
     running = set(range(jobs))

@@ -5,18 +5,17 @@ model in a thread; every file reported once, written or failed."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..audio import SAMPLE_RATE
 from ..errors import NonFiniteError
 from ..inputs import AudioInput
-from ..outputs import FrameStream, write_outputs
+from ..outputs import FrameStream
+from .destinations import Outputs
 from .runs import Reporter
 
-__all__ = ["POOL_BATCHES", "STREAM_BYTES", "Outputs", "embed_items"]
+__all__ = ["POOL_BATCHES", "STREAM_BYTES", "embed_items"]
 
 STREAM_BYTES = 256 * 2**20  # frame outputs larger than this are streamed to disk, not held in memory
 POOL_BATCHES = 8  # files decoded ahead and sorted by length together, in encoder batches
@@ -108,21 +107,6 @@ def _embed_long(model, item, waveform, level, n_blocks, batch_size, write, base)
         raise
 
 
-@dataclass(frozen=True)
-class Outputs:
-    """Where and how atst-embed writes each input's outputs (a ``--jobs`` process gets its part)."""
-
-    bases: dict[AudioInput, Path]  # output path without suffix
-    fmt: str
-    metadata: dict
-
-    def part(self, items: list[AudioInput]) -> Outputs:
-        return Outputs({item: self.bases[item] for item in items}, self.fmt, self.metadata)
-
-    def write(self, item: AudioInput, arrays: dict, frames: FrameStream | None) -> None:
-        write_outputs(self.bases[item], self.fmt, arrays, self.metadata, frames)
-
-
 def embed_items(model, todo: list[AudioInput], run: Reporter, outputs: Outputs, level: str, n_blocks: int,
                 batch_size: int, num_workers: int) -> None:
     """Embed ``todo`` (decoding ahead, pooling short files, streaming long ones, writing behind) and
@@ -136,7 +120,7 @@ def embed_items(model, todo: list[AudioInput], run: Reporter, outputs: Outputs, 
             if level != "clip" and frame_bytes > STREAM_BYTES:
                 writer.wait()
                 try:
-                    _embed_long(model, item, result, level, n_blocks, batch_size, write, outputs.bases[item])
+                    _embed_long(model, item, result, level, n_blocks, batch_size, write, outputs.stream_base(item))
                 except Exception as error:
                     run.error(item, error)
                 else:
@@ -155,3 +139,4 @@ def embed_items(model, todo: list[AudioInput], run: Reporter, outputs: Outputs, 
         writer.wait()
     finally:
         writer.close()
+        outputs.close()  # the inputs written so far are complete, even when interrupted
