@@ -3,12 +3,13 @@ official code, the official frame-embedding path, measured side by side in one r
 
 Frame embeddings of all 12 blocks of ATST-Frame (random weights: speed does not depend on their
 values) on ``--workloads`` (default 8 x 10 s and 1 x 60 s; on a GPU also batches of 32-256 windows),
-best of ``--repeats``. Printed with every figure: the machine, the torch version and threads, and the
-matmul peaks of fp32, bf16 (and fp16 on CUDA) measured in the same run (CPUs here differ, and shared
-machines vary from hour to hour, so compare ratios, not absolute figures). The "% of peak" column
-divides the model's floating-point work (about 4.5 GFLOP per audio-second for base) by the time and
-by the peak of the precision's matmul dtype. "cosine" is the minimum per-frame
-cosine similarity to our fp32 frames.
+best of ``--repeats`` rounds that run every path in turn. Printed with every figure: the machine, the
+torch version and threads, and the matmul peaks of fp32, bf16 (and fp16 on CUDA) measured in the same
+run (CPUs here differ, and shared machines vary from hour to hour, so compare ratios, not absolute
+figures). The "% of peak" column divides the model's floating-point work (about 4.5 GFLOP per
+audio-second for base) by the time and by the peak of the precision's matmul dtype: the best of the
+run's start and of the workload's rounds, in which that dtype's peak product runs in turn with the
+paths. "cosine" is the minimum per-frame cosine similarity to our fp32 frames.
 
 The official path (``--reference PATH``, a checkout of github.com/Audio-WestlakeU/audiossl; its code
 is imported from there, never copied here) is what ``atstframe/embedding.py ::
@@ -16,7 +17,10 @@ get_timestamp_embedding`` does: torchaudio's MelSpectrogram and AmplitudeToDB, M
 ``FrameAST.get_intermediate_layers(n=12, scene=False)`` on 1001-frame chunks.
 
     python benchmarks/embed_speed.py [--reference ~/audiossl] [--size base] [--threads 2] [--device cpu|cuda]
-        [--workloads 8x10,1x60]
+        [--workloads 8x10,1x60] [--profile 25]
+
+``--profile N`` then prints, per workload and path, the N operators that take the most time in one run
+(torch.profiler, with input shapes): how to compare our path with the official one op by op.
 """
 
 from __future__ import annotations
@@ -60,31 +64,62 @@ CPU = torch.device("cpu")
 
 def timed(run, repeats: int, device: torch.device = CPU) -> float:
     """Best wall time of ``repeats`` runs after one warm-up."""
-    run()
-    best = float("inf")
+    return timed_in_turn([run], repeats, device)[0]
+
+
+def timed_in_turn(runs: list, repeats: int, device: torch.device = CPU) -> list[float]:
+    """Best wall time of each of ``runs``, after one warm-up each, over ``repeats`` rounds that run
+    them in turn: a load that comes and goes on a shared machine slows every path alike, where timing
+    one path after the other would charge it to whichever ran at the time."""
+    for run in runs:
+        run()
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+        for index, run in enumerate(runs):
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
+
+
+def profile_table(run, rows: int, device: torch.device) -> str:
+    """The ``rows`` operators (with their input shapes) that take the most time in one ``run``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         run()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by=f"self_{device.type}_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=60)
 
 
 SLOW_PEAK = 5.0  # GFLOP/s: below this at 512, a dtype has no fast kernels here and is timed at 512 only
 
 
-def _matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+def _product(size: int, dtype: torch.dtype, device: torch.device):
+    """A product of two square matrices of ``size``, and its floating-point work."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    return 2 * size**3 / timed(lambda: a @ b, repeats, device) / 1e9
+    return (lambda: a @ b), 2 * size**3
+
+
+def _matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    product, work = _product(size, dtype, device)
+    return work / timed(product, repeats, device) / 1e9
+
+
+def _peak_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
 
 
 def matmul_peaks(device: torch.device = CPU) -> dict[torch.dtype, float]:
     """Matmul throughput (GFLOP/s) per dtype of square products (2048 on CPU, 8192 on GPU), best of 5:
     fp32 and bf16, and fp16 on CUDA. A dtype slower than ``SLOW_PEAK`` at 512 (bf16 on CPUs without
     AVX512: about 0.3 GFLOP/s) is reported at 512, which takes seconds where 2048 takes minutes."""
-    size = 8192 if device.type == "cuda" else 2048
+    size = _peak_size(device)
     dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())
     peaks = {}
     for dtype in dtypes:
@@ -162,6 +197,8 @@ def main() -> None:
                         "windows of the workload, at least 32; the official loop passes the whole batch at once)")
     parser.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16,bf16-mixed, "
                         "fp32 alone on CPUs without fast bf16 kernels; on CUDA also fp16,fp16-mixed)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="after each workload, the N operators "
+                        "that take the most time in each path (torch.profiler, one run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -174,7 +211,6 @@ def main() -> None:
         print(f"gpu: {torch.cuda.get_device_name(device)}")
     workloads = parse_workloads(args.workloads or ("8x10,32x10,128x10,256x10,1x60" if device.type == "cuda" else "8x10,1x60"))
     peaks = matmul_peaks(device)
-    fp32_peak = peaks[torch.float32]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; {describe_peaks(peaks)}")
     if not fast_bf16 and not args.precisions:
         print("this CPU has no fast bfloat16 kernels (no AVX512): bf16 paths skipped (--precisions fp32,bf16 times them)")
@@ -182,39 +218,55 @@ def main() -> None:
     config = EncoderConfig.of_size(args.size, cls_token=False)
     work = flop_per_audio_second(config)
     print(f"ATST-Frame {args.size}: {work / 1e9:.2f} GFLOP per audio-second; frame embeddings of all 12 blocks; "
-          f"best of {args.repeats}")
+          f"best of {args.repeats} rounds that run every path in turn")
     torch.manual_seed(0)
     state = ATSTModel(ModelConfig("frame", config)).state_dict()
     header = f"{'workload':<11} {'path':<21} {'audio-s/s':>10} {'vs official fp32':>17} {'% of peak':>10} {'cosine':>8}"
     print(header)
     print("-" * len(header))
     reference = reference_runner(args.reference, args.size, device) if args.reference else None
+    products = {dtype: _product(_peak_size(device), dtype, device)
+                for dtype, peak in peaks.items() if peak >= SLOW_PEAK}
+    models = {}
+    for precision in precisions:
+        model = ATSTModel(ModelConfig("frame", config))
+        model.load_state_dict(state)
+        models[precision] = model.to(device).eval().set_precision(precision)
     for name, (count, duration) in workloads.items():
         audio = torch.from_numpy((0.1 * rng.standard_normal((count, round(duration * 16000)))).astype(np.float32))
         seconds = audio.numel() / 16000
         audio = audio.to(device)
-        rows, baseline, fp32_frames = [], None, None
+        batch_size = args.batch_size or max(32, count * math.ceil(duration / 10))
+        paths = {f"ours {precision}": partial(model.get_frame_embeddings, audio, batch_size=batch_size)
+                 for precision, model in models.items()}
         if reference is not None:
-            elapsed = timed(lambda audio=audio: reference(audio), args.repeats, device)
-            baseline = seconds / elapsed
-            rows.append(("official fp32", baseline, fp32_peak, None))
-        for precision in precisions:
-            model = ATSTModel(ModelConfig("frame", config))
-            model.load_state_dict(state)
-            model = model.to(device).eval().set_precision(precision)
-            embed = partial(model.get_frame_embeddings, audio, batch_size=args.batch_size or max(32, count * math.ceil(duration / 10)))
-            elapsed = timed(embed, args.repeats, device)
-            frames = embed()[0].float()
-            if precision == "fp32":
-                fp32_frames = frames
-            cosine = None if fp32_frames is None else torch.nn.functional.cosine_similarity(frames, fp32_frames, dim=-1).min().item()
-            half, _ = PRECISIONS[precision]
-            rows.append((f"ours {precision}", seconds / elapsed, peaks[half or torch.float32], cosine))
-            del model
-        for path, speed, peak, cosine in rows:
+            paths = {"official fp32": partial(reference, audio), **paths}
+        # The fast dtypes' peak products run in the same rounds: a peak read at another time of a shared
+        # machine's day would misstate the "% of peak" of these paths.
+        runs = [product for product, _ in products.values()] + list(paths.values())
+        times = timed_in_turn(runs, args.repeats, device)
+        now = {**peaks, **{dtype: max(peaks[dtype], flop / taken / 1e9)
+                           for (dtype, (_, flop)), taken in zip(products.items(), times)}}
+        elapsed = dict(zip(paths, times[len(products):]))
+        baseline = seconds / elapsed["official fp32"] if reference is not None else None
+        fp32_frames = None
+        for path, run in paths.items():
+            cosine, peak = None, now[torch.float32]
+            if path.startswith("ours"):
+                precision = path.removeprefix("ours ")
+                frames = run()[0].float()
+                fp32_frames = frames if precision == "fp32" else fp32_frames
+                if fp32_frames is not None:
+                    cosine = torch.nn.functional.cosine_similarity(frames, fp32_frames, dim=-1).min().item()
+                peak = now[PRECISIONS[precision][0] or torch.float32]
+            speed = seconds / elapsed[path]
             versus = f"{speed / baseline:.2f}x" if baseline else "-"
             print(f"{name:<11} {path:<21} {speed:>10.1f} {versus:>17} {100 * speed * work / 1e9 / peak:>9.0f}% "
                   f"{'-' if cosine is None else f'{cosine:.5f}':>8}")
+        print(f"{'':<11} {describe_peaks(now)} (the best of the start and these rounds)")
+        for path, run in paths.items() if args.profile else ():
+            print(f"\n{name}, {path}: the {args.profile} operators that take the most time\n"
+                  f"{profile_table(run, args.profile, device)}")
 
 
 if __name__ == "__main__":
