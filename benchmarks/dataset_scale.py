@@ -1,13 +1,16 @@
 """Dataset scale: atst-embed on many 1 s files into tar shards, against the model alone, with memory over the run.
 
 Writes ``--files`` WAV files of 1 s (16 kHz, 16-bit, 1000 per folder; seeded noise and tones), then
-1. model alone: the same number of 1 s waveforms, held in memory, embedded in the pools atst-embed
-   hands the model (``POOL_BATCHES * batch_size`` windows), the model's time only;
+1. model alone: 1 s waveforms (``--alone-files`` of them; all windows are alike), held in memory,
+   embedded in the pools atst-embed hands the model (``POOL_BATCHES * batch_size`` windows), the
+   model's time only;
 2. ``atst-embed DATA -d OUT --format tar`` in a fresh process, its speed from its own summary line
    (model loading excluded, as in 1), and the resident memory of the process and its workers sampled
    every 0.5 s: the peak while the first 10 % of the shards were written and while the last 10 % were;
-3. with ``--kill-at F``: the same command into a new folder, killed with SIGKILL once a fraction F of
-   the shards is complete, then run again; the shards then hold every input exactly once (checked).
+3. with ``--kill-at F``: the command is killed with SIGKILL once a fraction F of the shards is complete,
+   then run again to the end (its speed is then the second run's; memory: first tenth from the first
+   run, last tenth from the second).
+Then checks that the shards hold every input exactly once.
 Printed with the machine and the matmul peaks.
 
     python benchmarks/dataset_scale.py [--files 100000] [--model atst-frame-mini] [--level clip] [--kill-at 0.5]
@@ -118,7 +121,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--files-per-tar", type=int, default=1000)
     parser.add_argument("--extra", default="", help="more atst-embed options, e.g. '--num-workers 2 --jobs 2'")
-    parser.add_argument("--kill-at", type=float, default=None)
+    parser.add_argument("--kill-at", type=float, default=None, help="kill the run once this fraction of shards is done")
+    parser.add_argument("--alone-files", type=int, default=10_000, help="windows the model alone is timed on")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {describe_peaks(matmul_peaks(torch.device('cpu')))}")
@@ -129,30 +133,31 @@ def main() -> None:
         paths = write_files(scratch / "data", args.files)
         print(f"{args.files} files of {SECONDS:g} s written in {time.perf_counter() - start:.0f} s; model {args.model}, "
               f"level {args.level}, batch {args.batch_size}, {args.files_per_tar} files per tar")
-        alone = model_alone(load_model(args.model, device="cpu"), args.files, args.level, args.batch_size)
-        print(f"model alone: {alone:.1f} audio-s/s")
+        alone_files = min(args.files, args.alone_files)
+        alone = model_alone(load_model(args.model, device="cpu"), alone_files, args.level, args.batch_size)
+        print(f"model alone: {alone:.1f} audio-s/s (on {alone_files} windows of 1 s; every window is alike)")
         shards = -(-args.files // args.files_per_tar)
-        command = [sys.executable, "-m", "atst_features", str(scratch / "data"), "--model", args.model, "--device",
-                   "cpu", "--level", args.level, "--batch-size", str(args.batch_size), "--format", "tar",
+        out = scratch / "out"
+        command = [sys.executable, "-m", "atst_features", str(scratch / "data"), "-d", str(out), "--model", args.model,
+                   "--device", "cpu", "--level", args.level, "--batch-size", str(args.batch_size), "--format", "tar",
                    "--files-per-tar", str(args.files_per_tar), *args.extra.split()]
-        stderr, first, last = run_embed([*command, "-d", str(scratch / "out")], scratch / "out", shards)
+        if args.kill_at is not None:  # killed part-way, then run again to the end
+            _, first, _ = run_embed(command, out, shards, args.kill_at)
+            print(f"killed (SIGKILL) with {len(completed_inputs(out))} inputs in complete shards; running it again")
+            stderr, _, last = run_embed(command, out, shards)
+        else:
+            stderr, first, last = run_embed(command, out, shards)
         summary = stderr.strip().splitlines()[-1]
-        cli = args.files * SECONDS / float(re.search(r"in ([\d.]+) s\)", summary).group(1))
+        embedded = int(summary.split()[0])
+        cli = embedded * SECONDS / float(re.search(r"in ([\d.]+) s\)", summary).group(1))
         print(f"atst-embed {args.extra}: {cli:.1f} audio-s/s, {cli / alone:.2f} of the model alone ({summary})")
         print(f"resident memory (process and workers), peak: {first:.0f} MiB in the first 10 % of the shards, "
               f"{last:.0f} MiB in the last 10 %")
-        if args.kill_at is not None:
-            out = scratch / "killed"
-            run_embed([*command, "-d", str(out), "-q"], out, shards, args.kill_at)
-            before = len(completed_inputs(out))
-            stderr, _, _ = run_embed([*command, "-d", str(out)], out, shards)
-            held = collections.Counter(str(line.split("\t")[0]) for index in sorted(out.glob("*.index.tsv"))
-                                       for line in index.read_text().splitlines()[1:])
-            expected = {os.path.abspath(path) for path in paths}
-            once = set(held) == expected and max(held.values()) == 1
-            print(f"killed with {before} inputs in complete shards; the rerun: {stderr.strip().splitlines()[-1]}; "
-                  f"every input exactly once: {once} ({len(held)} inputs, {sum(held.values())} samples)")
-
+        held = collections.Counter(line.split("\t")[0] for index in sorted(out.glob("*.index.tsv"))
+                                   for line in index.read_text().splitlines()[1:])
+        once = set(held) == {os.path.abspath(path) for path in paths} and max(held.values()) == 1
+        print(f"the shards hold every input exactly once: {once} ({len(held)} inputs, {sum(held.values())} samples, "
+              f"{len(complete_shards(out))} shards)")
 
 if __name__ == "__main__":
     main()

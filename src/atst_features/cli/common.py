@@ -136,7 +136,8 @@ DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda, cuda:1, 
 BATCH_SIZE_OPTION = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                                  help="10 s windows per encoder pass.")
 NUM_WORKERS_OPTION = click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
-                                  help="Threads decoding audio ahead of the model (0: decode in the main thread).")
+                                  help="Processes decoding and resampling audio ahead of the model (0: decode in the "
+                                  "main process).")
 QUIET_OPTION = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still printed.")
 
 

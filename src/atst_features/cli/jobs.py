@@ -104,8 +104,11 @@ def run_jobs(jobs: int, todo: list[AudioInput], run: Run, outputs: Outputs, mode
         if device is None and torch.cuda.is_available():
             job_device = f"cuda:{index % torch.cuda.device_count()}"
         part = todo[index::jobs]
-        process = context.Process(target=_job, name=f"atst-embed-job-{index + 1}", daemon=True, args=(
-            index, part, outputs.part(index), model_name, job_device, precision, threads, options, messages, os.getpid()))
+        # Not daemonic: a daemonic process may not start the processes that decode for it (--num-workers).
+        # The finally below stops and joins every job, and a job whose parent is gone stops by itself.
+        process = context.Process(target=_job, name=f"atst-embed-job-{index + 1}", args=(
+            index, part, outputs.part(index), model_name, job_device, precision, threads, options, messages,
+            os.getpid()))
         process.start()
         processes.append(process)
     running = set(range(jobs))

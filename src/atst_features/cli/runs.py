@@ -1,26 +1,32 @@
-"""A run over many audio files: decoding ahead in threads (the decoder's own notes on damaged files
-dropped), per-file reporting (one ``error:`` line per failed file, the others counted), the progress
+"""A run over many audio files: decoding ahead in worker processes (the decoder's own notes on damaged
+files dropped), per-file reporting (one ``error:`` line per failed file, the others counted), the progress
 bar and the summary, and interruption by SIGTERM."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..audio import load_audio
 from ..errors import NonFiniteError, expected_failure, one_line_message
 from ..inputs import AudioInput
 
-__all__ = ["Reporter", "Run", "decoded", "python_stderr_kept", "raise_keyboard_interrupt"]
+__all__ = ["FILES_PER_TRANSFER", "TRANSFER_BYTES", "Reporter", "Run", "decoded", "python_stderr_kept",
+           "raise_keyboard_interrupt"]
+
+FILES_PER_TRANSFER = 32  # files a decoding worker hands over at once, at most
+TRANSFER_BYTES = 2**22  # ... and fewer once they take this much space on disk
 
 
 @contextmanager
@@ -90,35 +96,113 @@ class _DecoderNotesDropped:
 _decoder_notes_dropped = _DecoderNotesDropped()
 
 
-def _decode(path: Path) -> np.ndarray:
-    with _decoder_notes_dropped:
-        return load_audio(path)[0]
+def _decode(path: str | Path) -> np.ndarray | BaseException:
+    """The waveform of ``path`` or, for a file that fails in an expected way, its error (reported per file,
+    the run goes on); anything else (a bug) is raised."""
+    try:
+        with _decoder_notes_dropped:
+            return load_audio(path)[0]
+    except Exception as error:
+        if expected_failure(error):
+            return error
+        raise
+
+
+class _Files(Dataset):
+    """The files of a run by index, decoded on demand (in DataLoader workers). Their paths are packed into one
+    bytes object and an offsets array, not held as one Python object per file: forked workers then touch no
+    per-file reference counts, so those pages stay shared with the parent (a million paths of 47 characters: 55 MB)."""
+
+    def __init__(self, items: list[AudioInput]) -> None:
+        names = [os.fsencode(item.path_str) for item in items]
+        self.names = b"".join(names)
+        self.ends = np.cumsum([len(name) for name in names], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, index: int) -> np.ndarray | BaseException:
+        start = self.ends[index - 1] if index else 0
+        return _decode(os.fsdecode(self.names[start : self.ends[index]]))
+
+
+class _Transfers(Sampler):
+    """Consecutive indices of ``items``, in the groups a worker hands over at once: ``FILES_PER_TRANSFER`` files,
+    fewer once their size on disk reaches ``TRANSFER_BYTES`` (a long recording goes alone), so that the audio
+    decoded ahead stays bounded. Runs in the parent, a group at a time."""
+
+    def __init__(self, items: list[AudioInput]) -> None:
+        self.items = items
+
+    def __iter__(self):
+        group, size = [], 0
+        for index, item in enumerate(self.items):
+            group.append(index)
+            with suppress(OSError):  # a missing file fails when decoded, with its own message
+                size += os.stat(item.path_str).st_size
+            if len(group) == FILES_PER_TRANSFER or size >= TRANSFER_BYTES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+
+def _file_size_limit() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.inf
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return math.inf if limit == resource.RLIM_INFINITY else limit
+
+
+def _fits_in_shared_memory(nbytes: int) -> bool:
+    """Whether ``nbytes`` fit in Linux's shared memory (/dev/shm: Docker's holds 64 MB) and under this process's
+    file size limit, which shared memory counts against. Checked first because torch, failing there, leaves its
+    file behind."""
+    with suppress(OSError):  # no /dev/shm: other systems, where torch's own error is all there is
+        space = os.statvfs("/dev/shm")
+        if nbytes > space.f_bavail * space.f_frsize:
+            return False
+    return nbytes <= _file_size_limit()
+
+
+def _joined(results: list[np.ndarray | BaseException]) -> tuple[torch.Tensor | np.ndarray, list[int | BaseException]]:
+    """A worker's group of files as one float32 array and, per file, its length in samples or its error. The
+    array goes in shared memory: one transfer, not one per file. Where that has no room it is pickled through
+    the pipe instead, slower: never an error that would leave the parent waiting for it."""
+    waves = [result for result in results if not isinstance(result, BaseException)]
+    joined = np.concatenate(waves) if waves else np.empty(0, np.float32)
+    if _fits_in_shared_memory(joined.nbytes):
+        with suppress(RuntimeError):
+            joined = torch.from_numpy(joined).share_memory_()
+    return joined, [result if isinstance(result, BaseException) else len(result) for result in results]
 
 
 def decoded(items: list[AudioInput], workers: int):
-    """Yield ``(item, waveform or exception)`` in order, decoding ahead in ``workers`` threads."""
+    """Yield ``(item, waveform or expected error)`` in order, decoding ahead in ``workers`` processes (0: here).
+
+    The workers (a DataLoader's) hand over groups of files (:class:`_Transfers`) as shared-memory tensors, at most
+    two groups per worker ahead; a bug in one is raised here, with the worker's traceback in its message. They stop
+    when this generator is closed or collected (an interruption) and, if this process dies, by themselves."""
     if workers == 0:
         for item in items:
-            try:
-                yield item, _decode(item.path)
-            except Exception as error:  # noqa: BLE001 - reported per file, the batch goes on
-                yield item, error
+            yield item, _decode(item.path_str)
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="atst-decode") as pool:
-        pending: list[tuple[AudioInput, Future]] = []
-        upcoming = iter(items)
-        try:
-            while True:
-                while len(pending) < 2 * workers and (item := next(upcoming, None)) is not None:
-                    pending.append((item, pool.submit(_decode, item.path)))
-                if not pending:
-                    return
-                item, future = pending.pop(0)
-                error = future.exception()
-                yield item, error if error is not None else future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+    groups = -(-len(items) // FILES_PER_TRANSFER)  # at least
+    # Forked on Linux, also inside a --jobs process (spawned, so spawning by default): a forked worker starts at
+    # once and shares the parent's memory. Elsewhere the platform's way (spawn; fork is unsafe on macOS).
+    loader = DataLoader(_Files(items), batch_sampler=_Transfers(items), num_workers=min(workers, groups),
+                        collate_fn=_joined, multiprocessing_context="fork" if sys.platform == "linux" else None)
+    upcoming = iter(items)
+    for joined, sizes in loader:
+        samples, start = joined.numpy() if isinstance(joined, torch.Tensor) else joined, 0
+        for size in sizes:
+            if isinstance(size, BaseException):
+                yield next(upcoming), size
+            else:
+                yield next(upcoming), samples[start : start + size]
+                start += size
 
 
 class Reporter(ABC):
