@@ -113,14 +113,19 @@ def test_two_inputs_of_one_key_are_refused(tmp_path, frame_small_ckpt):
     assert result.exit_code == 2 and "would both be sample 'a' of the shards" in result.output, result.output
 
 
+def _tar_command(tmp_path: Path, model: Path, count: int, *options: str) -> tuple[Path, Path, list[str]]:
+    """``count`` 2 s files in ``tmp_path/data`` and the atst-embed command that shards them into ``tmp_path/out``,
+    one window per batch (a slow run, to stop part-way)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    for index in range(count):
+        write_audio(data / f"{index:03d}.wav", 2.0, index)
+    return data, out, [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(model),
+                       "--format", "tar", "--batch-size", "1", "-q", *options]
+
+
 @pytest.mark.slow
 def test_a_killed_run_and_its_rerun_hold_every_input_exactly_once(tmp_path, frame_small_ckpt):
-    data = tmp_path / "data"
-    for index in range(40):
-        write_audio(data / f"{index:02d}.wav", 2.0, index)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt),
-               "--format", "tar", "--files-per-tar", "4", "--batch-size", "1", "--level", "both", "-q"]
+    data, out, command = _tar_command(tmp_path, frame_small_ckpt, 40, "--files-per-tar", "4", "--level", "both")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.tar"))) < 2:
@@ -138,12 +143,7 @@ def test_a_killed_run_and_its_rerun_hold_every_input_exactly_once(tmp_path, fram
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_open_shard(tmp_path, frame_small_ckpt):
-    data = tmp_path / "data"
-    for index in range(150):
-        write_audio(data / f"{index:03d}.wav", 2.0, index)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "atst_features", str(data), "-d", str(out), "--model", str(frame_small_ckpt),
-               "--format", "tar", "--files-per-tar", "1000", "--batch-size", "1", "-q"]
+    _, out, command = _tar_command(tmp_path, frame_small_ckpt, 150, "--files-per-tar", "1000")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
     deadline = time.time() + 120

@@ -104,6 +104,7 @@ class ShardOutputs:
 
     def todo(self, items: list[AudioInput]) -> list[AudioInput]:
         """The inputs that no complete shard in the folder holds."""
+        # The absolute paths are made twice rather than held: a million of them would cost ~130 MB.
         wanted = {hash(os.path.abspath(item.path_str)) for item in items}
         done = completed_inputs(self.folder, among=lambda path: hash(path) in wanted)
         return [item for item in items if os.path.abspath(item.path_str) not in done]
