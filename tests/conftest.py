@@ -160,6 +160,19 @@ def waveform(seconds: float, seed: int = 0) -> np.ndarray:
     return recipe.waveform(seconds, seed)
 
 
+def write_two_classes(root: Path, per_class: int = 24) -> Path:
+    """Tones and noise, 1.5 s each, ``per_class`` clips of each class: the first two thirds train, the
+    next sixth valid, the rest test; ``root/set.csv`` lists them (path, label, split). Returns ``root``."""
+    rows = ["path,label,split"]
+    for index in range(per_class):
+        split = "train" if index < per_class * 2 // 3 else "valid" if index < per_class * 5 // 6 else "test"
+        write_audio(root / "tone" / f"{index}.wav", 1.5, freq=300 + 25 * index)
+        write_audio(root / "noise" / f"{index}.wav", 1.5, freq=0.0, noise=0.2 + 0.01 * index, seed=index)
+        rows += [f"tone/{index}.wav,tone,{split}", f"noise/{index}.wav,noise,{split}"]
+    (root / "set.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
 def write_audio(path: Path, seconds: float = 0.5, freq: float = 440.0, noise: float = 0.0, seed: int = 0) -> Path:
     """A 16 kHz WAV file: a sine of ``freq`` Hz (amplitude 0.3) plus Gaussian noise of std ``noise``."""
     import soundfile

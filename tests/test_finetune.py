@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 from click.testing import CliRunner
-from conftest import write_audio
+from conftest import write_audio, write_two_classes
 
 from atst_features import load_model
 from atst_features.cli.tag import tag
@@ -144,15 +144,7 @@ def test_label_mixup_of_different_lengths_mixes_as_the_reference():
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory):
     """Tones and noise, 1.5 s each: 16 train, 4 valid and 4 test clips per class."""
-    root = tmp_path_factory.mktemp("two-classes")
-    rows = ["path,label,split"]
-    for index in range(24):
-        split = "train" if index < 16 else "valid" if index < 20 else "test"
-        write_audio(root / "tone" / f"{index}.wav", 1.5, freq=300 + 25 * index)
-        write_audio(root / "noise" / f"{index}.wav", 1.5, freq=0.0, noise=0.2 + 0.01 * index, seed=index)
-        rows += [f"tone/{index}.wav,tone,{split}", f"noise/{index}.wav,noise,{split}"]
-    (root / "set.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return write_two_classes(tmp_path_factory.mktemp("two-classes"), per_class=24)
 
 
 def test_split_items_holds_out_whole_groups(tmp_path):

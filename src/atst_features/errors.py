@@ -23,7 +23,10 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteError",
     "OutputError",
+    "PeerLostError",
+    "Preempted",
     "SlowPrecisionWarning",
+    "TrainingDiverged",
 ]
 
 
@@ -69,8 +72,27 @@ class NonFiniteError(ATSTError, ValueError):
         self.items, self.cause = items, cause
 
 
+class TrainingDiverged(ATSTError, FloatingPointError):
+    """A training run stopped after too many optimizer steps in a row with a non-finite loss or
+    gradients (see :class:`~atst_features.training.guards.FiniteSteps`); the message says what to do."""
+
+
 class ModelNotFoundError(ATSTError, FileNotFoundError):
     """A model source that is neither a file, a folder, a registry name nor a Hub id."""
+
+
+class PeerLostError(ATSTError, RuntimeError):
+    """Another process of a distributed training run stopped, or stopped answering: this one stops
+    too (see :mod:`atst_features.training.distributed`); the message names it and how to continue."""
+
+
+class Preempted(ATSTError):
+    """A training run that stopped on a signal (SIGTERM, SIGUSR1) after saving a checkpoint: not a
+    failure. ``exit_code``: 128 + the signal's number, as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class SlowPrecisionWarning(UserWarning):

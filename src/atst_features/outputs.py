@@ -86,8 +86,9 @@ def temporary_beside(path: Path, suffix: str = ".partial") -> Path:
 
 
 @contextmanager
-def _explained_write_errors(path: Path) -> Iterator[None]:
-    """A failed write (full disk, size limit, permissions) as one :class:`OutputError` naming ``path``."""
+def _explained_write_errors(path: Path, elsewhere: str = "--output-dir") -> Iterator[None]:
+    """A failed write (full disk, size limit, permissions) as one :class:`OutputError` naming ``path``
+    and how to write elsewhere."""
     try:
         yield
     except OutputError:
@@ -95,22 +96,45 @@ def _explained_write_errors(path: Path) -> Iterator[None]:
     except OSError as error:
         reason = error.strerror or str(error)  # numpy's short writes carry no errno: "N requested and M written"
         raise OutputError(f"cannot write {str(path)!r} ({reason}); is the disk full? Free space or write elsewhere "
-                          "(--output-dir)") from None
+                          f"({elsewhere})") from None
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or the renames in a folder, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+def _atomic(path: Path, elsewhere: str = "--output-dir", durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+    ``durable``: the file's data is on disk before the rename, and the rename before returning."""
     temporary = None
     try:
-        with _explained_write_errors(path):
+        with _explained_write_errors(path, elsewhere):
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = temporary_beside(path)
             yield temporary
+            if durable:
+                fsync_path(temporary)
             os.replace(temporary, path)
+            if durable:
+                fsync_path(path.parent)
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+
+
+def save_torch_durably(value, path: Path, elsewhere: str) -> None:
+    """``torch.save(value)`` into ``path`` as one step: written to a temporary file beside it, flushed
+    to disk, renamed into place; a reader (or a run after a crash) sees the previous file or the whole
+    new one. A failed write (full disk) is one :class:`OutputError` naming ``path`` and ``elsewhere``
+    (where to write instead), and leaves ``path`` as it was."""
+    with _atomic(Path(path), elsewhere, durable=True) as temporary:
+        _torch_save(value, temporary)
 
 
 class _KeepWriteError(io.RawIOBase):

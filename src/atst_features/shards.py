@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import InputError
-from .outputs import KEYS, FrameStream, _as_numpy, _explained_write_errors, temporary_beside
+from .outputs import KEYS, FrameStream, _as_numpy, _explained_write_errors, fsync_path, temporary_beside
 
 __all__ = ["ShardWriter", "complete_shards", "completed_inputs", "sample_key"]
 
@@ -83,15 +83,6 @@ def completed_inputs(folder: Path, among: Callable[[str], bool] | None = None) -
             paths = (_unescape(line.split("\t", 1)[0]) for line in index)
             done.update(paths if among is None else filter(among, paths))
     return done
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (in their order)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class ShardWriter:
@@ -180,9 +171,9 @@ class ShardWriter:
                 os.fsync(handle.fileno())
             with _explained_write_errors(self.path):
                 os.replace(index_temporary, index)
-                _fsync_folder(self.folder)  # the index is on disk before the tar appears
+                fsync_path(self.folder)  # the index is on disk before the tar appears
                 os.replace(self._temporary, self.path)
-                _fsync_folder(self.folder)
+                fsync_path(self.folder)
         except BaseException:
             self.discard()
             raise

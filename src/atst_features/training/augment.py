@@ -31,8 +31,8 @@ class Mixup(nn.Module):
     uniformly drawn bank entry ``z`` gives ``log((1 - a) exp(x) + a exp(z) + eps)``. Then the batch's
     unmixed inputs are appended to the bank, keeping the last ``memory`` items. Items of one batch
     draw from the bank as it was before the batch (the reference, one item at a time per worker,
-    can draw an item of the same worker's batch). The bank lives on the device and is not saved in
-    checkpoints.
+    can draw an item of the same worker's batch). The bank lives on the device; checkpoints hold it
+    (:meth:`bank_state`, see :mod:`.resume`).
     """
 
     def __init__(self, ratio: float = 0.4, memory: int = 2000) -> None:
@@ -61,6 +61,17 @@ class Mixup(nn.Module):
         self.bank[slots] = x
         self.position = (self.position + len(x)) % self.memory
         self.filled = min(self.filled + len(x), self.memory)
+
+    def bank_state(self) -> dict:
+        """The bank's items and ring position, for a checkpoint."""
+        return {"bank": self.bank[: self.filled], "filled": self.filled, "position": self.position}
+
+    def load_bank_state(self, state: dict, device) -> None:
+        self.filled, self.position = state["filled"], state["position"]
+        items = state["bank"].to(device)
+        self.bank = items.new_empty((self.memory, *items.shape[1:])) if len(items) else torch.empty(0, device=device)
+        if len(items):
+            self.bank[: len(items)] = items
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch = x.shape[0]
@@ -112,6 +123,22 @@ class LabelMixup(nn.Module):
             self.lengths[slot] = min(length, self.frames)
         self.position = (self.position + len(x)) % self.memory
         self.filled = min(self.filled + len(x), self.memory)
+
+    def bank_state(self) -> dict:
+        """The bank's items, targets, lengths and ring position, for a checkpoint."""
+        return {"inputs": self.inputs[: self.filled], "targets": self.targets[: self.filled],
+                "lengths": self.lengths[: self.filled], "filled": self.filled, "position": self.position}
+
+    def load_bank_state(self, state: dict, device) -> None:
+        self.filled, self.position = state["filled"], state["position"]
+        self.lengths = list(state["lengths"]) + [0] * (self.memory - len(state["lengths"]))
+        inputs, targets = state["inputs"].to(device), state["targets"].to(device)
+        if not len(inputs):
+            self.inputs, self.targets = torch.empty(0, device=device), torch.empty(0, device=device)
+            return
+        self.inputs = inputs.new_zeros((self.memory, *inputs.shape[1:]))
+        self.targets = targets.new_zeros((self.memory, *targets.shape[1:]))
+        self.inputs[: len(inputs)], self.targets[: len(targets)] = inputs, targets
 
     def forward(self, x: Tensor, y: Tensor, rng, n_frames: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lengths = [x.shape[-1]] * len(x) if n_frames is None else n_frames.clamp(1, x.shape[-1]).tolist()

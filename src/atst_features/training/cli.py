@@ -12,15 +12,16 @@ bf16-mixed``, ``--trainer.accumulate_grad_batches``, ...); ``--ckpt_path last`` 
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from ..errors import BUG_REPORT, expected_failure, one_line_message
+from ..errors import BUG_REPORT, Preempted, expected_failure, one_line_message
 
-__all__ = ["main", "PRESETS", "cpu_precision", "preset_path"]
+__all__ = ["main", "PRESETS", "cpu_precision", "preset_path", "training_callbacks"]
 
 METHODS = ("clip", "frame", "finetune", "distill", "sed")
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -38,7 +39,7 @@ def preset_path(name_or_path: str) -> str:
 # Which arguments each method links: (source, target, when); the data module's label names and
 # task type reach the model once the data module exists ("instantiate").
 LINKS = {
-    "pretrain": [("model.max_steps", "trainer.max_steps", "parse")],
+    "pretrain": [("model.max_steps", "trainer.max_steps", "parse"), ("seed_everything", "data.seed", "parse")],
     "finetune": [("model.max_epochs", "trainer.max_epochs", "parse"), ("data.label_names", "model.labels", "instantiate"),
                  ("data.multi_label", "model.multi_label", "instantiate"), ("model.crop_seconds", "data.crop_seconds", "parse"),
                  ("seed_everything", "data.seed", "parse")],
@@ -76,7 +77,13 @@ def _classes(method: str, explicit_precision: bool):
         def add_arguments_to_parser(self, parser) -> None:
             for source, target, when in LINKS[family]:
                 parser.link_arguments(source, target, apply_on=when)
-            parser.add_argument("--ckpt_path", default=None, help="Resume from this checkpoint ('last': the newest one).")
+            parser.add_argument("--ckpt_path", default=None,
+                                help="Resume from this checkpoint ('last': the newest complete one in the run's checkpoint folder).")
+            from jsonargparse import ActionYesNo
+
+            parser.add_argument("--requeue", action=ActionYesNo, default=False,
+                                help="On SIGTERM or SIGUSR1: save, requeue the SLURM job and stop; the requeued job "
+                                     "resumes from the newest checkpoint of the run by itself.")
 
         def before_instantiate_classes(self) -> None:
             trainer = self.config.trainer
@@ -129,14 +136,26 @@ def main(argv: list[str] | None = None) -> None:
     """``atst-train``: an expected failure (a bad manifest or model source, an unreadable clip, a full
     disk, out of memory) ends the run with one ``error:`` line naming it; a bug prints its traceback
     and asks to be reported. Both exit with code 1. A missing or invalid option is one ``error:`` line and
-    where to read the options (exit code 2)."""
+    where to read the options (exit code 2). SIGTERM or SIGUSR1 saves a checkpoint and stops with one line
+    (exit code 128 + the signal: 143, 138; see :mod:`.preemption`). A process of a distributed run that
+    dies or stops answering stops the others with one ``error:`` line within seconds (see :mod:`.distributed`)."""
+    from .distributed import PeerWatch
+
+    args = sys.argv[1:] if argv is None else argv
+    watch = PeerWatch(training=bool(args) and args[0] in METHODS)
     try:
-        _train(argv)
+        with watch:
+            _train(argv)
     except ArgumentError as error:  # a missing or invalid option: one line, not jsonargparse's 60 lines of usage first
         method = (sys.argv[1:] if argv is None else argv)[0]
         print(f"error: {' '.join(str(error).split())}\nsee: atst-train {method} --help", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:  # SIGTERM / SIGUSR1: saved, not a failure; said by the first process
+        if str(stop):
+            print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs
+        error = watch.explain(error)  # another process of a distributed run is gone: PeerLostError
         if expected_failure(error):
             print(f"error: {one_line_message(error)}", file=sys.stderr)
         else:
@@ -167,9 +186,12 @@ def _train(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     explicit_precision = any(arg.split("=", 1)[0] == "--trainer.precision" for arg in rest)
     cli_class, module, data = _classes(method, explicit_precision)
-    from .progress import ProgressLog
+    from .checkpointing import DurableCheckpointIO
+    from .preemption import Preemption
 
     _quiet_lightning()
+    callbacks = training_callbacks()
+    preemption = next(callback for callback in callbacks if isinstance(callback, Preemption))
     cli = cli_class(
         module,
         data,
@@ -177,13 +199,54 @@ def _train(argv: list[str] | None) -> None:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ProgressLog()]},
+        trainer_defaults={"callbacks": callbacks},
         parser_kwargs={"prog": f"atst-train {method}", "exit_on_error": False},  # see main()
     )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    preemption.requeue = bool(cli.config.get("requeue"))
+    cli.trainer.strategy.checkpoint_io = DurableCheckpointIO()
+    ckpt_path = resume_from(cli.trainer, cli.config.get("ckpt_path"), automatic=preemption.requeue or _requeued_by_slurm())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     if method in ("finetune", "distill") and cli.datamodule.splits["test"]:
         best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+
+
+def training_callbacks() -> list:
+    """The callbacks of every ``atst-train`` run, besides those of its config: progress lines, what
+    makes a resumed run exact, the final checkpoint, preemption, bad batches and collapse."""
+    from .checkpointing import FinalCheckpoint
+    from .guards import CollapseWatch, FiniteSteps
+    from .preemption import Preemption
+    from .progress import ProgressLog
+    from .resume import ExactResume
+
+    return [ProgressLog(), ExactResume(), FinalCheckpoint(), Preemption(), FiniteSteps(), CollapseWatch()]
+
+
+def _requeued_by_slurm() -> bool:
+    """Whether this is a SLURM job that was requeued (SLURM counts the restarts)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+
+
+def resume_from(trainer, ckpt_path: str | None, automatic: bool) -> str | None:
+    """The checkpoint to resume from: ``last`` -> the newest complete one in the run's checkpoint
+    folder (None, with a note, when there is none yet); no ``--ckpt_path`` and ``automatic`` (``--requeue``
+    or a requeued SLURM job) -> the same when the folder holds one. A run is its checkpoint folder."""
+    from .checkpointing import checkpoint_folder, newest_checkpoint
+    from .progress import say
+
+    if ckpt_path not in ("last", None) or (ckpt_path is None and not automatic):
+        return ckpt_path
+    folder = checkpoint_folder(trainer)
+    if folder is None:
+        return ckpt_path  # Lightning's own search (its default checkpoint folder)
+    newest = newest_checkpoint(folder)
+    if newest is not None:
+        say(f"resuming from {str(newest)!r}")
+        return str(newest)
+    if ckpt_path == "last":
+        say(f"note: no checkpoint in {str(folder)!r} yet: starting from the beginning")
+    return None
 
 
 if __name__ == "__main__":

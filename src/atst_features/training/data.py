@@ -7,6 +7,11 @@ streaming at cluster scale. Each item is one random crop per entry of ``crop_sec
 one 10 s crop; ATST-Clip: two independent crops), at 16 kHz; a clip shorter than a crop is
 right-padded with zeros, as the reference does. Spectrograms and augmentations are computed later,
 in batch, on the training device (see :mod:`atst_features.training.module`).
+
+Folders and manifests are read in a resumable order with a seed per crop (see
+:mod:`.sampling`): a resumed run trains on the crops the interrupted one would have. Shards are an
+endless random stream: a resumed run draws new crops (not the interrupted run's). Unreadable files
+are skipped and counted (:meth:`PretrainingData.unreadable_files`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..audio import SAMPLE_RATE, load_audio
 from ..errors import AudioDecodeError, EmptyAudioError, InputError
 from ..inputs import AUDIO_SUFFIXES, read_manifest, scan_folder
+from .sampling import ResumableLoader, ResumableSampler, trained_batches
 
 __all__ = ["AudioCrops", "ShardCrops", "PretrainingData", "SAMPLE_RATE"]
 
@@ -45,36 +51,59 @@ def _random_crop(waveform: Tensor, samples: int) -> Tensor:
     return waveform[start : start + samples]
 
 
+class _SkipCount:
+    """Files skipped as unreadable, counted across DataLoader worker processes: one slot of a
+    shared-memory tensor per worker (slot 0: the main process)."""
+
+    SLOTS = 257
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self) -> None:
+        worker = torch.utils.data.get_worker_info()
+        self.counts[0 if worker is None else 1 + worker.id % (self.SLOTS - 1)] += 1
+
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
 class AudioCrops(Dataset):
-    """Random crops from a list of audio files; only the cropped segments are decoded."""
+    """Random crops from a list of audio files; only the cropped segments are decoded. An item is
+    ``dataset[index]`` (offsets from torch's global generator) or ``dataset[index, seed]`` (from
+    ``seed``: see :class:`~.sampling.ResumableSampler`)."""
 
     def __init__(self, files: list[tuple[Path, float | None]], crop_seconds: list[float]) -> None:
         if not files:
             raise InputError("no audio files to train on")
         self.files = files
         self.crop_seconds = list(crop_seconds)
+        self.skipped = _SkipCount()
         self._warned = 0
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _crop(self, path: Path, duration: float | None, seconds: float) -> Tensor:
+    def _crop(self, path: Path, duration: float | None, seconds: float, generator: torch.Generator | None) -> Tensor:
         samples = int(seconds * SAMPLE_RATE)
         if duration is None:
             duration = soundfile.info(str(path)).duration
         if duration <= seconds:
             waveform, _ = load_audio(path, SAMPLE_RATE)
             return _fit(torch.from_numpy(waveform), samples)
-        offset = float(torch.rand(()).item()) * (duration - seconds)
+        offset = float(torch.rand((), generator=generator).item()) * (duration - seconds)
         waveform, _ = load_audio(path, SAMPLE_RATE, offset=offset, duration=seconds)
         return _fit(torch.from_numpy(waveform), samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, ...]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
         for attempt in range(len(self.files)):  # a broken file is skipped, with a warning, not fatal
             path, duration = self.files[(index + attempt) % len(self.files)]
             try:
-                return tuple(self._crop(path, duration, seconds) for seconds in self.crop_seconds)
+                return tuple(self._crop(path, duration, seconds, generator) for seconds in self.crop_seconds)
             except (AudioDecodeError, EmptyAudioError, soundfile.LibsndfileError, RuntimeError) as error:
+                self.skipped.add()
                 if self._warned < 20:
                     warnings.warn(f"skipping unreadable training file: {error}", stacklevel=2)
                     self._warned += 1
@@ -89,6 +118,7 @@ class ShardCrops(IterableDataset):
         self.urls = urls
         self.crop_seconds = list(crop_seconds)
         self.shuffle_buffer = shuffle_buffer
+        self.skipped = _SkipCount()
 
     def _crops(self, sample: dict) -> tuple[Tensor, ...] | None:
         for key, value in sample.items():
@@ -96,6 +126,7 @@ class ShardCrops(IterableDataset):
                 try:
                     waveform, _ = load_audio(io.BytesIO(value), SAMPLE_RATE)
                 except (AudioDecodeError, EmptyAudioError) as error:
+                    self.skipped.add()
                     warnings.warn(f"skipping {sample.get('__key__')}: {error}", stacklevel=2)
                     return None
                 waveform = torch.from_numpy(waveform)
@@ -122,6 +153,7 @@ class PretrainingData(L.LightningDataModule):
     patterns allowed). ``crop_seconds``: one entry per view source, e.g. ``[10.0]`` (ATST-Frame) or
     ``[train_len, 6.0]`` (ATST-Clip). ``batch_size``: per device. ``subset``: train on this many
     files, chosen as the reference does (shuffled with seed 1234); folders and manifests only.
+    ``seed``: of the order of each epoch and of the crops (``atst-train`` sets it from ``seed_everything``).
     """
 
     def __init__(
@@ -133,6 +165,7 @@ class PretrainingData(L.LightningDataModule):
         subset: int | None = None,
         shuffle_buffer: int = 1000,
         pin_memory: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.path = path
@@ -142,6 +175,7 @@ class PretrainingData(L.LightningDataModule):
         self.subset = subset
         self.shuffle_buffer = shuffle_buffer
         self.pin_memory = pin_memory
+        self.seed = seed
         self.dataset: Dataset | None = None
 
     @property
@@ -167,14 +201,20 @@ class PretrainingData(L.LightningDataModule):
             files = files[: self.subset]
         self.dataset = AudioCrops(files, self.crop_seconds)
 
+    def unreadable_files(self) -> int:
+        """Files skipped as unreadable so far in this process's training data (all its workers)."""
+        return self.dataset.skipped.total() if self.dataset is not None else 0
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=not self.is_sharded,
-            num_workers=self.num_workers,
-            drop_last=True,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+        options = dict(
+            batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+            pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: not from the global generator
         )
+        if self.is_sharded:
+            return DataLoader(self.dataset, **options)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(self.dataset), num_replicas=world, rank=rank, seed=self.seed, draw_seeds=True)
+        return ResumableLoader(self.dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..errors import InputError
 from .manifests import LabelledItem, LabelledSet, groups_note, read_labelled, split_items
-from .sampling import BalancedSampler, label_balanced_weights
+from .sampling import BalancedSampler, ResumableLoader, ResumableSampler, label_balanced_weights, trained_batches
 
 __all__ = ["LabelledClips", "LabelledData", "collate_clips"]
 
@@ -109,19 +109,18 @@ class LabelledData(L.LightningDataModule):
         if not self.splits[name]:
             raise InputError(f"no {name} clips: give a {name} split in the manifest or a --data.{name}_manifest")
         dataset = self._dataset(name)
-        sampler = self._balanced_sampler(dataset.targets) if balanced else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=collate_clips, drop_last=False,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _balanced_sampler(self, targets) -> BalancedSampler:
-        """A :class:`BalancedSampler` over clips with ``targets`` for this process's rank (of the
-        trainer's world size; rank 0 of 1 without a trainer)."""
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_clips, drop_last=False,
+                       persistent_workers=self.num_workers > 0,
+                       generator=torch.Generator().manual_seed(self.seed))  # worker seeds: not from the global generator
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **options)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return BalancedSampler(label_balanced_weights(targets), num_replicas=world, rank=rank, seed=self.seed)
+        if balanced:  # as many draws as clips, weighted so that rare labels come up about as often as common ones
+            sampler = BalancedSampler(label_balanced_weights(dataset.targets), num_replicas=world, rank=rank, seed=self.seed)
+        else:
+            sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
+        return ResumableLoader(dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, balanced=self.sampling == "balanced")

@@ -176,6 +176,8 @@ class ATSTPretraining(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if getattr(self, "step_skipped", False):  # a skipped bad batch (guards.FiniteSteps): the teacher stays too
+            return
         # Right after optimizer step k (once per step under gradient accumulation), before any
         # callback, so a checkpoint written after step k holds the teacher of step k. Lightning
         # counts the step only after this hook (global_step is still k here); the reference applies

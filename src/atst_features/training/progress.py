@@ -1,7 +1,8 @@
 """What ``atst-train`` says on stderr while it trains: the clips of each split at the start and, when no
 progress bar is there to watch (stderr is not a terminal: a log file, a batch job; or the bar is off),
 a line at the end of every epoch and at least every ``interval`` seconds within one: the epoch, the
-step, the loss, the clips per second and the time elapsed."""
+step, the loss, the clips per second and the time elapsed. Reads of unreadable training files
+skipped in an epoch (pretraining data) are counted at its end: a line and the logged ``unreadable_files``."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class ProgressLog(L.Callback):
         self.lines = False
         self.started = self.last = 0.0
         self.clips, self.loss = 0, math.nan
+        self.unreadable = 0  # files skipped as unreadable, up to the last epoch's end (this process)
 
     def on_fit_start(self, trainer, module) -> None:
         data = trainer.datamodule
@@ -53,9 +55,23 @@ class ProgressLog(L.Callback):
             self._line(trainer, {})
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        self._count_unreadable(trainer, module)
         if self.lines:
             self._line(trainer, {name: float(value) for name, value in trainer.callback_metrics.items()
                                  if name.startswith("valid_") and value.numel() == 1})
+
+    def _count_unreadable(self, trainer, module) -> None:
+        counter = getattr(trainer.datamodule, "unreadable_files", None)
+        if counter is None:
+            return
+        total = counter()
+        skipped = torch.tensor(float(total - self.unreadable), device=module.device)
+        self.unreadable = total
+        module.log("unreadable_files", skipped, reduce_fx="sum", sync_dist=trainer.world_size > 1, on_epoch=True)
+        skipped = int(trainer.strategy.reduce(skipped, reduce_op="sum")) if trainer.world_size > 1 else int(skipped)
+        if skipped:
+            say(f"epoch {trainer.current_epoch + 1}: {skipped} read(s) of unreadable training files skipped "
+                "(a file counts each time it is drawn; the first ones are named in the warnings)")
 
     def _line(self, trainer, scores: dict[str, float]) -> None:
         now = time.perf_counter()

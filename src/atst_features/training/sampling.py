@@ -1,4 +1,15 @@
-"""Label-balanced sampling of training clips, as the reference's AudioSet runs draw them.
+"""Which training clips come in what order: resumable samplers and loaders, and label-balanced
+sampling as the reference's AudioSet runs draw clips.
+
+A resumed run must see the batches the interrupted one would have seen next. Each epoch's order
+is a function of ``(seed, epoch)`` (:class:`ResumableSampler`), and :class:`ResumableLoader`
+tells Lightning (which saves the ``state_dict`` of a loader that has one in every checkpoint) how
+many batches of the epoch were trained on, so that a resumed run skips exactly those. Random
+choices made while loading an item (a pretraining crop's offset) come from a seed drawn for that
+item's place in the epoch (``draw_seeds``), not from a process-wide generator, so they do not
+depend on the number of workers or on where a run was resumed.
+
+Balanced sampling:
 
 The reference fine-tunes and distils on AudioSet with ``WeightedRandomSampler(weights, len(weights))``
 over a ``weights_labels.pt`` that is not published; ``atstframe/downstream/test_sampler.py`` builds
@@ -13,14 +24,16 @@ gets as many.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import InputError
 
-__all__ = ["BalancedSampler", "label_balanced_weights"]
+__all__ = ["BalancedSampler", "ResumableLoader", "ResumableSampler", "draw_seed", "label_balanced_weights", "trained_batches"]
 
 
 def label_balanced_weights(targets: Tensor) -> Tensor:
@@ -33,7 +46,67 @@ def label_balanced_weights(targets: Tensor) -> Tensor:
     return (hot * (1000.0 / (hot.sum(dim=0) + 0.01))).sum(dim=1)
 
 
-class BalancedSampler(DistributedSampler):
+def draw_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the random choices made for the item at ``position`` of epoch ``epoch``'s order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ResumableSampler(DistributedSampler):
+    """:class:`~torch.utils.data.DistributedSampler` (shuffled by ``seed + epoch``, rank ``rank`` of
+    ``num_replicas`` yields every ``num_replicas``-th item; Lightning keeps it as it is under DDP and
+    calls :meth:`set_epoch`) that can start an epoch part way (:meth:`resume`). With ``draw_seeds``
+    it yields ``(index, seed)`` pairs: the dataset draws that item's random choices from ``seed``."""
+
+    def __init__(self, size: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 draw_seeds: bool = False) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.draw_seeds = draw_seeds
+        self._resume: tuple[int, int] | None = None  # (epoch, items of this rank already seen)
+
+    def order(self) -> list[int]:
+        """This rank's item indices for the current epoch, in order."""
+        return list(super().__iter__())
+
+    def resume(self, epoch: int, items: int) -> None:
+        """Start at ``epoch``, leaving out its first ``items`` items of this rank (once)."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, items)
+
+    def __iter__(self):
+        order = self.order()
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        for position in range(start, len(order)):
+            if self.draw_seeds:  # the place of the item in the epoch's whole order, the same for any world size
+                yield order[position], draw_seed(self.seed, self.epoch, position * self.num_replicas + self.rank)
+            else:
+                yield order[position]
+
+
+class ResumableLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` over a :class:`ResumableSampler` whose ``state_dict``
+    (saved by Lightning in each checkpoint) holds the epoch and how many of its batches were trained on,
+    read from ``trained_batches()`` (the trainer's count: batches fetched ahead are not counted)."""
+
+    def __init__(self, dataset, *, sampler: ResumableSampler, trained_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.trained_batches = trained_batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": int(self.trained_batches())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
+
+
+def trained_batches(trainer) -> Callable[[], int]:
+    """How many batches of the current epoch ``trainer`` has trained on (0 without a trainer)."""
+    return lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+
+class BalancedSampler(ResumableSampler):
     """Per epoch, ``len(weights)`` clip indices drawn with replacement in proportion to ``weights``
     (one draw for all ranks, seeded by ``seed + epoch``), of which rank ``rank`` of ``num_replicas``
     yields every ``num_replicas``-th. Lightning keeps a :class:`DistributedSampler` as it is and calls
@@ -45,13 +118,13 @@ class BalancedSampler(DistributedSampler):
             raise InputError("BalancedSampler needs a non-empty 1-D tensor of finite, non-negative weights")
         if not float(weights.sum()) > 0:
             raise InputError("BalancedSampler: every weight is 0 (no clip has a label)")
-        super().__init__(range(len(weights)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(len(weights), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.weights = weights
 
-    def __iter__(self):
+    def order(self) -> list[int]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         draws = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
         padding = self.total_size - len(draws)  # every rank the same number of steps
         draws += (draws * math.ceil(padding / len(draws)))[:padding]
-        return iter(draws[self.rank : self.total_size : self.num_replicas])
+        return draws[self.rank : self.total_size : self.num_replicas]

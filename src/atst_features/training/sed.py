@@ -35,6 +35,7 @@ from ..audio import SAMPLE_RATE, load_audio
 from ..errors import InputError
 from ..events import read_strong_labels, read_weak_labels
 from .progress import say
+from .sampling import ResumableLoader, ResumableSampler, trained_batches
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
 __all__ = ["EventData", "SoundEventDetection", "event_targets", "frame_targets", "weak_targets"]
@@ -137,7 +138,7 @@ class EventData(L.LightningDataModule):
         self.root = Path(audio)
         if not self.root.is_dir():
             raise InputError(f"{audio!r}: no such audio folder")
-        self.clip_seconds, self.batch_size, self.num_workers = clip_seconds, batch_size, num_workers
+        self.clip_seconds, self.batch_size, self.num_workers, self.seed = clip_seconds, batch_size, num_workers, seed
         train = self._clips(strong, weak)
         if valid_strong or valid_weak:
             valid = self._clips(valid_strong, valid_weak)
@@ -178,14 +179,28 @@ class EventData(L.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = _EventClips(self.root, self.splits[name], self.clip_seconds)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_collate, persistent_workers=self.num_workers > 0)
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate,
+                       persistent_workers=self.num_workers > 0,
+                       generator=torch.Generator().manual_seed(self.seed))  # worker seeds: not from the global generator
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
+        return ResumableLoader(dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", shuffle=False)
+
+
+def probability_bce(probabilities: Tensor, targets: Tensor) -> Tensor:
+    """``F.binary_cross_entropy``, except that NaN probabilities give a NaN loss instead of an error, so
+    that a bad batch is skipped (:class:`~.guards.FiniteSteps`) rather than ending the run. For finite
+    probabilities the loss and its gradients are ``F.binary_cross_entropy``'s exactly (plus 0)."""
+    return F.binary_cross_entropy(probabilities.nan_to_num(0.5), targets) + 0.0 * probabilities.sum()
 
 
 def _macro_f1(predicted: Tensor, target: Tensor) -> float:
@@ -285,7 +300,7 @@ class SoundEventDetection(SupervisedTraining):
         loss = strong.new_zeros(())
         for outputs, targets in ((strong, strong_targets), (weak, weak_targets)):
             if len(outputs):
-                loss = loss + F.binary_cross_entropy(outputs, targets)
+                loss = loss + probability_bce(outputs, targets)
         return loss
 
     def _forward(self, batch):
@@ -315,8 +330,7 @@ class SoundEventDetection(SupervisedTraining):
             with torch.no_grad():
                 teacher_strong, teacher_weak, _ = self.outputs(self.teacher, mel, n_frames)
             valid = self._token_mask(n_tokens, strong.shape[1])
-            distill = (F.binary_cross_entropy(strong[valid], teacher_strong[valid])
-                       + F.binary_cross_entropy(weak, teacher_weak)) / 2
+            distill = (probability_bce(strong[valid], teacher_strong[valid]) + probability_bce(weak, teacher_weak)) / 2
             loss = 0.5 * loss + 0.5 * distill
         self.log_dict({"loss": loss, "lr": lr}, prog_bar=True, batch_size=len(batch[0]))
         return loss

@@ -102,15 +102,22 @@ class SupervisedTraining(L.LightningModule):
         if batch is None:
             raise InputError("the data module must expose batch_size (per device) to scale the learning rate")
         self._peak_lr = self.hparams.learning_rate * batch * trainer.world_size * trainer.accumulate_grad_batches / 256
-        self._total_steps = max(1, int(trainer.estimated_stepping_batches))
-        epochs = max(1, trainer.max_epochs or self.hparams.max_epochs)
-        self._warmup_steps = self.hparams.get("warmup_steps")
-        if self._warmup_steps is None:
-            self._warmup_steps = int(round(self._total_steps * self.hparams.warmup_epochs / epochs))
         return torch.optim.SGD(self.parameter_groups(), lr=self._peak_lr, momentum=MOMENTUM, weight_decay=0.0)
 
+    def schedule_steps(self) -> tuple[int, int]:
+        """(optimizer steps of the whole run, warmup steps). Asked of the trainer once training runs, not
+        when the optimizer is made: asking earlier makes Lightning load the training data before a
+        resumed run has restored the loader's position, and the run would repeat its epoch's batches."""
+        if getattr(self, "_schedule_steps", None) is None:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            epochs = max(1, self.trainer.max_epochs or self.hparams.max_epochs)
+            warmup = self.hparams.get("warmup_steps")
+            self._schedule_steps = total, int(round(total * self.hparams.warmup_epochs / epochs)) if warmup is None else warmup
+        return self._schedule_steps
+
     def learning_rate_at(self, step: int) -> float:
-        return cosine_schedule(step, self._peak_lr, FINAL_LR, self._total_steps, self._warmup_steps)
+        total, warmup = self.schedule_steps()
+        return cosine_schedule(step, self._peak_lr, FINAL_LR, total, warmup)
 
     def update_learning_rate(self) -> float:
         lr = self.learning_rate_at(self.global_step)
