@@ -71,6 +71,27 @@ def test_a_bug_in_a_worker_surfaces_with_its_traceback(mixed, monkeypatch):
         list(runs.decoded(find_inputs([], mixed), 1))
 
 
+def _killed_by_the_kernel(path):
+    import os
+
+    import torch
+
+    if torch.utils.data.get_worker_info() is not None:  # what the out-of-memory killer does to a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("decoded outside a worker")
+
+
+@pytest.mark.skipif(not FORKS, reason="the patched decoder reaches forked workers only")
+def test_a_worker_killed_by_the_kernel_is_one_line(mixed, tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "load_audio", _killed_by_the_kernel)
+    result = CliRunner().invoke(embed, ["--manifest", str(mixed), "-d", str(tmp_path / "out"), "--num-workers", "1",
+                                        "--model", OFFLINE_MODEL])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.lower().startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: a data-loading worker process (pid "), result.output
+    assert "out of memory" in errors[0] and "--num-workers" in errors[0]
+
+
 def _embed(*args: str) -> "click.testing.Result":  # noqa: F821
     return CliRunner().invoke(embed, [*args, "--model", OFFLINE_MODEL, "--level", "both"], catch_exceptions=False)
 

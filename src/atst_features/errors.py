@@ -12,6 +12,8 @@ on, the traceback and :data:`BUG_REPORT` for anything else.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ATSTError",
     "AudioDecodeError",
@@ -120,11 +122,20 @@ BUG_REPORT = ("error: this is a bug in atst-features, not a problem with your in
               "with the traceback above")
 
 
+_WORKER_DIED = re.compile(r"^DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: (Killed)|exited unexpectedly)")
+
+
+def _worker_died(error: BaseException) -> re.Match | None:
+    """torch's error for a DataLoader worker process killed by SIGKILL (the kernel's out-of-memory
+    killer, most often) or gone without a word; a worker that crashed (SIGSEGV, ...) stays a bug."""
+    return _WORKER_DIED.match(str(error)) if isinstance(error, RuntimeError) else None
+
+
 def expected_failure(error: BaseException) -> bool:
     """Whether ``error`` is a failure the user can act on: the library's own errors (:class:`ATSTError`),
-    the operating system's (a full disk, a permission) and running out of memory. Anything else is a
-    bug and keeps its traceback."""
-    if isinstance(error, (ATSTError, OSError, MemoryError)):
+    the operating system's (a full disk, a permission), running out of memory, and a worker process
+    that was killed (by the kernel, when memory runs out). Anything else is a bug and keeps its traceback."""
+    if isinstance(error, (ATSTError, OSError, MemoryError)) or _worker_died(error):
         return True
     import torch  # loaded already wherever an error can come from a model
 
@@ -137,6 +148,11 @@ def expected_failure(error: BaseException) -> bool:
 def one_line_message(error: BaseException) -> str:
     """The first line of ``error``'s message; for an error a DataLoader worker raised (re-raised as
     "Caught X in DataLoader worker process N. Original Traceback ..."), the original's message."""
+    if died := _worker_died(error):
+        how = "was killed (SIGKILL)" if died.group(2) else "exited unexpectedly"
+        pids = died.group(1).strip()
+        return (f"a data-loading worker process ({'pids' if ',' in pids else 'pid'} {pids}) {how}: the system may have run out of "
+                "memory; use fewer worker processes (--num-workers, --data.num_workers) or smaller batches")
     text = str(error)
     if text.startswith("Caught ") and "Original Traceback" in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "package.XError: its message"
