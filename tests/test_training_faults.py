@@ -190,6 +190,9 @@ def test_sigterm_and_kills_in_fine_tuning_with_mixup_resume_exactly(labelled, tm
     stopped = atst_train([*args, *inject("KillAt", step=6, signum=int(signal.SIGTERM))], tmp_path / "term")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert stopped.stderr.strip().splitlines()[-1].startswith("SIGTERM: stopped after step 7; saved ")
+    with open(next((tmp_path / "term" / "runs" / "finetune-tiny" / "csv").glob("*/metrics.csv")), newline="") as handle:
+        logged = [int(row["step"]) for row in csv.DictReader(handle) if row.get("loss")]
+    assert logged == list(range(7))  # the last step's metrics are written before the run stops
     resumed = atst_train([*args, "--ckpt_path", "last"], tmp_path / "term")
     assert resumed.returncode == 0 and "preempted.ckpt" in resumed.stderr, resumed.stderr[-3000:]
     assert_same_weights(expected, tmp_path / "term" / "runs" / "finetune-tiny" / "checkpoints" / "last.ckpt")

@@ -55,6 +55,7 @@ class Preemption(L.Callback):
     def __init__(self, requeue: bool = False) -> None:
         self.requeue = requeue
         self.received: int | None = None
+        self._stop: Preempted | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -72,6 +73,9 @@ class Preemption(L.Callback):
         self._previous.clear()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not loop.batch_progress.is_last_batch:
+            return  # inside an accumulation: not a step boundary
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -87,4 +91,20 @@ class Preemption(L.Callback):
             lines.append(requeue_slurm_job())
         else:
             lines.append("continue with --ckpt_path last")
-        raise Preempted("; ".join(lines) if trainer.is_global_zero else "", signum)  # one line per run
+        # stop at the next hook, once Lightning has logged this step's metrics; before validation or the
+        # next batch (a run whose last step this was simply ends)
+        self._stop = Preempted("; ".join(lines) if trainer.is_global_zero else "", signum)  # one line per run
+
+    def _stop_now(self) -> None:
+        if self._stop is not None:
+            stop, self._stop = self._stop, None
+            raise stop
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self._stop_now()
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._stop_now()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self._stop_now()
