@@ -232,6 +232,23 @@ def test_sigterm_to_the_first_of_two_processes_stops_both_and_the_resumed_run_is
     assert_same_weights(tmp_path / "full" / "runs" / "frame-tiny" / "checkpoints" / "last.ckpt", folder / "last.ckpt")
 
 
+@pytest.mark.slow
+def test_sigterm_inside_a_gradient_accumulation_stops_at_the_step_boundary(audio, tmp_path):
+    """Two batches per optimizer step; the signal arrives with the first: the step's second batch is
+    trained on before the save, and the resumed run ends as the uninterrupted one."""
+    args = [*PRESETS["frame-tiny"], "--model.max_steps", "10", "--trainer.accumulate_grad_batches", "2",
+            "--data.path", str(audio)]
+    full = atst_train(args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = atst_train([*args, *inject("KillAt", step=5, signum=int(signal.SIGTERM))], tmp_path / "run")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped after step 6; saved " in stopped.stderr
+    resumed = atst_train([*args, "--ckpt_path", "last"], tmp_path / "run")
+    assert resumed.returncode == 0 and "preempted.ckpt" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "full" / "runs" / "frame-tiny" / "checkpoints" / "last.ckpt",
+                        tmp_path / "run" / "runs" / "frame-tiny" / "checkpoints" / "last.ckpt")
+
+
 # ------------------------------------------------------------------------------------------ pieces
 def test_last_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     older, newer = tmp_path / "epoch=0-step=10.ckpt", tmp_path / "epoch=0-step=20.ckpt"
