@@ -332,3 +332,19 @@ def test_unreadable_files_are_counted_at_the_end_of_each_epoch(audio, tmp_path):
     with open(next((tmp_path / "runs" / "frame-tiny" / "csv").glob("*/metrics.csv")), newline="") as handle:
         logged = [float(row["unreadable_files"]) for row in csv.DictReader(handle) if row.get("unreadable_files")]
     assert [count for count in logged if count] == counts
+
+
+def test_inside_slurm_lightning_does_not_requeue_by_itself(monkeypatch):
+    """Lightning's own SIGUSR1 handler saves from inside the handler, mid-step; atst-train turns it off."""
+    import lightning as L
+
+    from atst_features.training.cli import _without_lightning_requeue
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "job", "SLURM_JOB_ID": "77", "SLURM_NODELIST": "localhost",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue
+    _without_lightning_requeue(trainer)
+    assert not environment.auto_requeue

@@ -203,12 +203,24 @@ def _train(argv: list[str] | None) -> None:
         parser_kwargs={"prog": f"atst-train {method}", "exit_on_error": False},  # see main()
     )
     preemption.requeue = bool(cli.config.get("requeue"))
+    _without_lightning_requeue(cli.trainer)
     cli.trainer.strategy.checkpoint_io = DurableCheckpointIO()
     ckpt_path = resume_from(cli.trainer, cli.config.get("ckpt_path"), automatic=preemption.requeue or _requeued_by_slurm())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     if method in ("finetune", "distill") and cli.datamodule.splits["test"]:
         best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+
+
+def _without_lightning_requeue(trainer) -> None:
+    """Inside a SLURM job, Lightning requeues on SIGUSR1 itself, saving from the signal handler in the
+    middle of a step; :class:`~.preemption.Preemption` does it at a step boundary instead."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    connector = getattr(trainer, "_accelerator_connector", None)
+    environment = getattr(connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
 
 
 def training_callbacks() -> list:
