@@ -348,3 +348,13 @@ def test_inside_slurm_lightning_does_not_requeue_by_itself(monkeypatch):
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue
     _without_lightning_requeue(trainer)
     assert not environment.auto_requeue
+
+
+@pytest.mark.slow
+def test_a_batch_job_log_gets_lines_not_a_progress_bar(audio, tmp_path):
+    script = shutil.which("atst-train") or pytest.skip("atst-train is not installed as a command")
+    result = subprocess.run([script, *PRESETS["frame-tiny"], "--model.max_steps", "7", "--data.path", str(audio)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # stderr: a pipe, as in a job's log
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "it/s" not in result.stderr and "\r" not in result.stderr
+    assert "epoch 2, step 7/7: loss" in result.stderr  # ProgressLog's line at the end of an epoch

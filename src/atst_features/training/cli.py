@@ -199,7 +199,8 @@ def _train(argv: list[str] | None) -> None:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": callbacks},
+        # a progress bar only on a terminal: in a log file (a batch job) it is megabytes of redrawn lines
+        trainer_defaults={"callbacks": callbacks, "enable_progress_bar": sys.stderr.isatty()},
         parser_kwargs={"prog": f"atst-train {method}", "exit_on_error": False},  # see main()
     )
     preemption.requeue = bool(cli.config.get("requeue"))
