@@ -207,6 +207,8 @@ def _train(argv: list[str] | None) -> None:
     _without_lightning_requeue(cli.trainer)
     cli.trainer.strategy.checkpoint_io = DurableCheckpointIO()
     ckpt_path = resume_from(cli.trainer, cli.config.get("ckpt_path"), automatic=preemption.requeue or _requeued_by_slurm())
+    if ckpt_path is not None:  # resuming: the run's own checkpoints are expected there
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     if method in ("finetune", "distill") and cli.datamodule.splits["test"]:
         best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
