@@ -171,3 +171,36 @@ def test_torchrun_processes_write_their_own_shards(tmp_path, frame_small_ckpt, s
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-1of2-000000.tar", "shard-2of2-000000.tar"]
     _assert_shards_equal_files(shards, files, seven_files)
+
+
+@pytest.mark.parametrize("failing, embedded, failed", [(2, 4, 3), (3, 6, 1)], ids=["full-shard", "last-shard"])
+def test_a_shard_that_cannot_be_written_counts_its_inputs_as_failed(tmp_path, frame_small_ckpt, seven_files, monkeypatch,
+                                                                    failing, embedded, failed):
+    """Shards of 3 inputs (7 inputs: 3, 3, 1). The 2nd shard (an input fills it) or the last one (written when
+    the run ends) cannot be written: its inputs are failures in the summary, not 'embedded', and a rerun
+    embeds exactly them."""
+    from atst_features.errors import OutputError
+    from atst_features.shards import ShardWriter
+
+    finish, calls = ShardWriter.finish, []
+
+    def full_disk_at_one_shard(self):
+        if self._tar is not None:
+            calls.append(1)
+            if len(calls) == failing:
+                self.discard()
+                raise OutputError("cannot write 'shard' (No space left on device)")
+        finish(self)
+
+    monkeypatch.setattr(ShardWriter, "finish", full_disk_at_one_shard)
+    shards = tmp_path / "shards"
+    result = run(str(seven_files), "-d", str(shards), "--format", "tar", "--files-per-tar", "3", "--batch-size", "1",
+                 model=frame_small_ckpt)
+    assert result.exit_code == 1
+    assert f"{embedded} embedded" in result.output and f"{failed} failed" in result.output, result.output
+    assert "a rerun embeds them" in result.output
+    assert len(_by_input(shards)) == embedded
+    monkeypatch.setattr(ShardWriter, "finish", finish)
+    rerun = run(str(seven_files), "-d", str(shards), "--format", "tar", model=frame_small_ckpt)
+    assert rerun.exit_code == 0 and f"{failed} embedded" in rerun.output, rerun.output
+    assert len(_by_input(shards)) == 7

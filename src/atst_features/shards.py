@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .outputs import KEYS, FrameStream, _as_numpy, _explained_write_errors, fsync_path, temporary_beside
 
 __all__ = ["ShardWriter", "complete_shards", "completed_inputs", "sample_key"]
@@ -85,6 +85,25 @@ def completed_inputs(folder: Path, among: Callable[[str], bool] | None = None) -
     return done
 
 
+class ShardLost(OutputError):
+    """A shard could not be written (a full disk): the inputs added to it before are lost with it.
+    ``earlier``: how many (the input being added when it failed not counted)."""
+
+    def __init__(self, message: str, earlier: int) -> None:
+        super().__init__(message)
+        self.earlier = earlier
+
+
+def _lost_with_the_shard(action: Callable[[], None], earlier: int) -> None:
+    """Run ``action``; an OutputError becomes :class:`ShardLost` with ``earlier`` inputs lost."""
+    try:
+        action()
+    except ShardLost:
+        raise
+    except OutputError as error:
+        raise ShardLost(str(error), earlier) from None
+
+
 class ShardWriter:
     """Writes inputs' embeddings as a numbered sequence of shards ``<folder>/<writer>-<seq>.tar``, starting
     after the writer's last complete shard there. A shard is finished when it holds ``inputs_per_shard``
@@ -109,15 +128,17 @@ class ShardWriter:
         """Append the input at ``path`` (``relative``: its path under the inputs' root, which names its key)
         with its ``arrays`` (``clip``, ``frame``, ``timestamps``) and ``metadata`` (``model``, ``n_blocks``).
         ``frames``: a finished :class:`FrameStream` holding the frame embeddings, copied from disk in chunks
-        and then removed. A failure discards the unfinished shard: its inputs are not complete."""
+        and then removed. A failure discards the unfinished shard: its inputs are not complete
+        (:class:`ShardLost` says how many were added before this one)."""
+        earlier = len(self._lines)
         try:
             arrays = {key: _as_numpy(arrays[key]) for key in KEYS if key in arrays}
-            self._write(path, relative, arrays, metadata, frames)
+            _lost_with_the_shard(lambda: self._write(path, relative, arrays, metadata, frames), earlier)
         finally:
             if frames is not None:
                 frames.discard()
         if len(self._lines) >= self.inputs_per_shard or self._tar.offset >= self.max_bytes:
-            self.finish()
+            _lost_with_the_shard(self.finish, earlier)
 
     def _write(self, path: str, relative: str, arrays: dict, metadata: dict, frames: FrameStream | None) -> None:
         """Append one sample to the open shard, opening one first if needed; a failure discards the shard."""
@@ -184,8 +205,8 @@ class ShardWriter:
         self.seq += 1
 
     def close(self) -> None:
-        """Finish the current shard."""
-        self.finish()
+        """Finish the current shard (:class:`ShardLost`, all its inputs counted, when it cannot be written)."""
+        _lost_with_the_shard(self.finish, len(self._lines))
 
     def discard(self) -> None:
         """Drop the unfinished shard and its temporary file; the next shard keeps its number."""

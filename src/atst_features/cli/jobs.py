@@ -36,6 +36,9 @@ class JobReporter(Reporter):
     def file_failed(self, message: str) -> None:
         self.queue.put(("failed", message))
 
+    def written_lost(self, count: int, message: str) -> None:
+        self.queue.put(("lost", (count, message)))
+
     def decoded(self, items: list[AudioInput], workers: int):
         for pair in super().decoded(items, workers):
             if os.getppid() != self.parent:
@@ -129,6 +132,8 @@ def run_jobs(jobs: int, todo: list[AudioInput], run: Run, outputs: Outputs, mode
                 run.succeeded(value)
             elif kind == "failed":
                 run.file_failed(value)
+            elif kind == "lost":
+                run.written_lost(*value)
             elif kind == "end":
                 running.discard(value)
             elif problem is None:  # "fatal" or "bug": reported once the other jobs have stopped

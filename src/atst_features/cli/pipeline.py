@@ -9,9 +9,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..audio import SAMPLE_RATE
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, one_line_message
 from ..inputs import AudioInput
 from ..outputs import FrameStream
+from ..shards import ShardLost
 from .destinations import Outputs
 from .runs import Reporter
 
@@ -152,4 +153,8 @@ def embed_items(model, todo: list[AudioInput], run: Reporter, outputs: Outputs, 
         writer.wait()
     finally:
         writer.close()
-        outputs.close()  # the inputs written so far are complete, even when interrupted
+        try:
+            outputs.close()  # the inputs written so far are complete, even when interrupted
+        except ShardLost as error:  # the open shard could not be written
+            run.written_lost(error.earlier, f"{one_line_message(error)}; its {error.earlier} input(s) are lost; "
+                                            "a rerun embeds them")

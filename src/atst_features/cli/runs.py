@@ -217,6 +217,10 @@ class Reporter(ABC):
     def file_failed(self, message: str) -> None:
         """One file failed in an expected way; ``message`` names it."""
 
+    @abstractmethod
+    def written_lost(self, count: int, message: str) -> None:
+        """``count`` files reported written were lost after all (the shard holding them could not be written)."""
+
     def error(self, item: AudioInput, error: BaseException) -> None:
         """Report an expected failure of one file in one ``error:`` line; re-raise anything else (a bug)."""
         if not expected_failure(error):
@@ -225,6 +229,9 @@ class Reporter(ABC):
         if str(item.path) not in message and repr(str(item.path)) not in message:
             message = f"{str(item.path)!r}: {message}"
         self.file_failed(message)
+        if getattr(error, "earlier", 0):  # a shard that could not be written: its earlier inputs are lost too
+            self.written_lost(error.earlier, f"the {error.earlier} input(s) written into that shard before it are lost "
+                                             "with it; a rerun embeds them")
 
     def failed_non_finite(self, batch: list[tuple[AudioInput, object]], bad: set[int], error: NonFiniteError) -> list:
         """Report the files of ``batch`` at the indices ``bad`` (whose clips gave NaN or Inf) as failed,
@@ -268,6 +275,11 @@ class Run(Reporter):
         self.failed += 1
         tqdm.write(f"error: {message}", file=sys.stderr)
         self.bar.update()
+
+    def written_lost(self, count: int, message: str) -> None:
+        self.done -= count
+        self.failed += count
+        tqdm.write(f"error: {message}", file=sys.stderr)
 
     def summary(self, skipped: int) -> str:
         elapsed = time.perf_counter() - self.started
