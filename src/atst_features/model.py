@@ -24,7 +24,7 @@ from .errors import InputError, SlowPrecisionWarning
 from .frontend import LogMelFrontend
 from .heads import HEADS, HeadSpec, default_labels
 from .precision import PRECISIONS, slow_precision_message
-from .windows import ChunkPooling, FiniteCheck, FramePooling, Window, encoder_passes, plan_windows, stack_windows
+from .windows import ChunkPooling, FiniteCheck, FramePooling, Window, encoder_passes, plan_windows, runs, stack_windows
 
 __all__ = ["ATSTModel"]
 
@@ -38,12 +38,12 @@ def _gathers_frames(device: torch.device) -> bool:
 def _runs(targets: list[Tensor], rows: list[int], n_tokens: list[int]) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each run of consecutive windows with the same number of tokens that fill
     consecutive rows of one target (the items of a batch, the windows of a clip)."""
-    start = 0
-    for end in range(1, len(rows) + 1):
-        if end == len(rows) or targets[end] is not targets[start] or n_tokens[end] != n_tokens[start] \
-                or rows[end] != rows[start] + (end - start) * n_tokens[start]:
-            yield start, end
-            start = end
+
+    def breaks(start: int, end: int) -> bool:
+        return (targets[end] is not targets[start] or n_tokens[end] != n_tokens[start]
+                or rows[end] != rows[start] + (end - start) * n_tokens[start])
+
+    return runs(len(rows), breaks)
 
 
 class ATSTModel(nn.Module):
@@ -250,7 +250,7 @@ class ATSTModel(nn.Module):
         if is_list or len(waves) != 1:
             raise InputError("iter_frame_embeddings takes one clip: [N], [1, N] or a path")
         patch = self.config.encoder.patch_frames
-        batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size, check_each=True, whole_batches=True)
+        batches = self._run_windows(waves, self.frame_window, n_blocks, batch_size, streaming=True)
         while True:
             # Inference and eval mode only while computing, never while suspended at a yield.
             with self._inference():
@@ -417,7 +417,7 @@ class ATSTModel(nn.Module):
 
     def _run_windows(
         self, waves: list[Tensor], width: int, n_blocks: int, batch_size: int, later_min_frames: int = 0,
-        hop: int | None = None, check_each: bool = False, whole_batches: bool = False,
+        hop: int | None = None, streaming: bool = False,
     ) -> Iterator[tuple[list[Window], list[int], EncoderOutput]]:
         """Encode every item in windows of ``width`` frames, one every ``hop`` frames (default
         ``width``: no overlap); yield ``(windows, n_tokens, output)`` per encoder pass.
@@ -425,10 +425,10 @@ class ATSTModel(nn.Module):
         Windows as :func:`~atst_features.windows.plan_windows` plans them. Items are processed longest
         first in groups of about ``batch_size`` windows, so the front end pads little and memory stays
         bounded. The windows run longest first in encoder passes of ``batch_size``, which a CPU ends
-        early so as to pad little (:func:`~atst_features.windows.encoder_passes`; ``whole_batches``:
-        never, one pass per batch). A NaN or Inf in any output raises :class:`NonFiniteError` once
-        every window has run (``check_each``: before the pass that holds it is yielded), so no caller
-        returns it.
+        early so as to pad little (:func:`~atst_features.windows.encoder_passes`). A NaN or Inf in any
+        output raises :class:`NonFiniteError` once every window has run, so no caller returns it.
+        ``streaming`` (one clip, yielded as it goes): one pass per batch, and the check runs before
+        the pass that holds it is yielded.
         """
         hop = hop or width
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -449,7 +449,7 @@ class ATSTModel(nn.Module):
                        for first, frames in plan_windows(self.frontend.n_frames(lengths[row]), width, hop, patch,
                                                          later_min_frames)]
             windows.sort(key=lambda entry: -entry[1].n_frames)
-            for batch in encoder_passes(windows, batch_size, pad=whole_batches or self.device.type != "cpu"):
+            for batch in encoder_passes(windows, batch_size, pad=streaming or self.device.type != "cpu"):
                 stacked = stack_windows(mel, batch)
                 n_tokens = [window.n_frames // patch for _, window in batch]
                 padded_keys = min(n_tokens) < stacked.shape[-1] // patch
@@ -457,7 +457,7 @@ class ATSTModel(nn.Module):
                 with self._autocast():
                     output = self.encoder(stacked.to(self.dtype), token_counts, n_blocks)
                 check.add([window for _, window in batch], output)
-                if check_each:
+                if streaming:
                     check.refuse(len(waves), self._computes_in_float16)
                 yield [window for _, window in batch], n_tokens, output
         check.refuse(len(waves), self._computes_in_float16)

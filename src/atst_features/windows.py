@@ -11,7 +11,7 @@ returned.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,15 +57,24 @@ def plan_windows(total: int, width: int, hop: int, patch: int, later_min_frames:
 PASS_FILL = 7 / 8
 
 
+def runs(count: int, breaks: Callable[[int, int], bool]) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive runs of ``range(count)``; a run ends before ``end`` when
+    ``breaks(start, end)``."""
+    start = 0
+    for end in range(1, count + 1):
+        if end == count or breaks(start, end):
+            yield start, end
+            start = end
+
+
 def encoder_passes(windows: list[tuple[int, Window]], batch_size: int, pad: bool) -> Iterator[list[tuple[int, Window]]]:
     """``windows`` (longest first) in consecutive passes of at most ``batch_size``; unless ``pad``, a
     pass also ends before a window with less than :data:`PASS_FILL` of the frames of its first."""
-    start = 0
-    for end in range(1, len(windows) + 1):
-        if end == len(windows) or end - start == batch_size \
-                or not pad and windows[end][1].n_frames < PASS_FILL * windows[start][1].n_frames:
-            yield windows[start:end]
-            start = end
+
+    def breaks(start: int, end: int) -> bool:
+        return end - start == batch_size or not pad and windows[end][1].n_frames < PASS_FILL * windows[start][1].n_frames
+
+    return (windows[start:end] for start, end in runs(len(windows), breaks))
 
 
 def stack_windows(mel: Tensor, batch: list[tuple[int, Window]]) -> Tensor:

@@ -4,6 +4,7 @@ bar and the summary, and interruption by SIGTERM."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -147,6 +148,7 @@ class _Transfers(Sampler):
             yield group
 
 
+@functools.cache  # a process's limit: asked once, not for every group of files
 def _file_size_limit() -> float:
     try:
         import resource

@@ -62,6 +62,11 @@ class Mixup(nn.Module):
         self.position = (self.position + len(x)) % self.memory
         self.filled = min(self.filled + len(x), self.memory)
 
+    def clear_if_not_finite(self) -> None:
+        """Empty the bank if it took in NaN or Inf (a skipped bad batch); it refills from the next batches."""
+        if self.filled and not bool(torch.isfinite(self.bank[: self.filled]).all()):
+            self.filled = self.position = 0
+
     def bank_state(self) -> dict:
         """The bank's items and ring position, for a checkpoint."""
         return {"bank": self.bank[: self.filled], "filled": self.filled, "position": self.position}
@@ -123,6 +128,11 @@ class LabelMixup(nn.Module):
             self.lengths[slot] = min(length, self.frames)
         self.position = (self.position + len(x)) % self.memory
         self.filled = min(self.filled + len(x), self.memory)
+
+    def clear_if_not_finite(self) -> None:
+        """Empty the bank if it took in NaN or Inf (a skipped bad batch); it refills from the next batches."""
+        if self.filled and not all(bool(torch.isfinite(bank[: self.filled]).all()) for bank in (self.inputs, self.targets)):
+            self.filled = self.position = 0
 
     def bank_state(self) -> dict:
         """The bank's items, targets, lengths and ring position, for a checkpoint."""

@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         with watch:
             _train(argv)
     except ArgumentError as error:  # a missing or invalid option: one line, not jsonargparse's 60 lines of usage first
-        method = (sys.argv[1:] if argv is None else argv)[0]
-        print(f"error: {' '.join(str(error).split())}\nsee: atst-train {method} --help", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}\nsee: atst-train {args[0]} --help", file=sys.stderr)
         sys.exit(2)
     except Preempted as stop:  # SIGTERM / SIGUSR1: saved, not a failure; said by the first process
         if str(stop):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..audio import SAMPLE_RATE, load_audio
 from ..errors import AudioDecodeError, EmptyAudioError, InputError
 from ..inputs import AUDIO_SUFFIXES, read_manifest, scan_folder
-from .sampling import ResumableLoader, ResumableSampler, trained_batches
+from .sampling import resumable_loader
 
 __all__ = ["AudioCrops", "ShardCrops", "PretrainingData", "SAMPLE_RATE"]
 
@@ -214,7 +214,4 @@ class PretrainingData(L.LightningDataModule):
         )
         if self.is_sharded:
             return DataLoader(self.dataset, **options)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(len(self.dataset), num_replicas=world, rank=rank, seed=self.seed, draw_seeds=True)
-        return ResumableLoader(self.dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)
+        return resumable_loader(self.dataset, self.trainer, seed=self.seed, draw_seeds=True, **options)

@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import suppress
 
 from ..errors import PeerLostError
 
@@ -111,13 +112,11 @@ def _int(value: str | None) -> int | None:
 def _rank_and_size() -> tuple[int | None, int | None]:
     """This process's rank and the number of processes: from the process group, else the launcher's
     environment (torchrun: RANK; Lightning on one machine: LOCAL_RANK)."""
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    with suppress(RuntimeError, ValueError):  # a process group being torn down: the environment says it
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
-    except (ImportError, RuntimeError, ValueError):
-        pass
     env = os.environ
     rank = _int(env.get("RANK"))
     if rank is None and env.get("NODE_RANK", "0") == "0":
@@ -250,10 +249,8 @@ class PeerWatch:
         not stop a process waiting in a collective)."""
         for child in self.children:
             if child.poll() is None:
-                try:
+                with suppress(OSError):  # it ended in between
                     child.kill()
-                except OSError:
-                    pass
 
     # -- the error ----------------------------------------------------------------------------------
     def explain(self, error: BaseException) -> BaseException:

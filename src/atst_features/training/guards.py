@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, TrainingDiverged
-from .augment import LabelMixup, Mixup
 from .progress import say
 
 __all__ = ["CollapseWatch", "FiniteSteps", "all_finite"]
@@ -135,10 +134,8 @@ class FiniteSteps(L.Callback):
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._saved)
         for part in module.modules():
-            if isinstance(part, (Mixup, LabelMixup)) and part.filled:
-                banks = [part.bank] if isinstance(part, Mixup) else [part.inputs, part.targets]
-                if not all_finite([bank[: part.filled] for bank in banks]):
-                    part.filled = part.position = 0
+            if hasattr(part, "clear_if_not_finite"):  # Mixup and LabelMixup memory banks
+                part.clear_if_not_finite()
         self.skipped += 1
         self.consecutive += 1
         if self.skipped <= REPORTED or self.skipped & (self.skipped - 1) == 0:

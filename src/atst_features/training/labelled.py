@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..audio import SAMPLE_RATE, centre_crop, load_audio
 from ..errors import InputError
 from .manifests import LabelledItem, LabelledSet, groups_note, read_labelled, split_items
-from .sampling import BalancedSampler, ResumableLoader, ResumableSampler, label_balanced_weights, trained_batches
+from .sampling import label_balanced_weights, resumable_loader
 
 __all__ = ["LabelledClips", "LabelledData", "collate_clips"]
 
@@ -114,13 +114,9 @@ class LabelledData(L.LightningDataModule):
                        generator=torch.Generator().manual_seed(self.seed))  # worker seeds: not from the global generator
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **options)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if balanced:  # as many draws as clips, weighted so that rare labels come up about as often as common ones
-            sampler = BalancedSampler(label_balanced_weights(dataset.targets), num_replicas=world, rank=rank, seed=self.seed)
-        else:
-            sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
-        return ResumableLoader(dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)
+        # balanced: as many draws as clips, weighted so that rare labels come up about as often as common ones
+        weights = label_balanced_weights(dataset.targets) if balanced else None
+        return resumable_loader(dataset, self.trainer, seed=self.seed, weights=weights, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, balanced=self.sampling == "balanced")

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import InputError
 
-__all__ = ["BalancedSampler", "ResumableLoader", "ResumableSampler", "draw_seed", "label_balanced_weights", "trained_batches"]
+__all__ = ["BalancedSampler", "ResumableLoader", "ResumableSampler", "draw_seed", "label_balanced_weights", "resumable_loader"]
 
 
 def label_balanced_weights(targets: Tensor) -> Tensor:
@@ -101,9 +101,18 @@ class ResumableLoader(DataLoader):
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
 
 
-def trained_batches(trainer) -> Callable[[], int]:
-    """How many batches of the current epoch ``trainer`` has trained on (0 without a trainer)."""
-    return lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+def resumable_loader(dataset, trainer, *, seed: int, weights: Tensor | None = None, draw_seeds: bool = False,
+                     **options) -> ResumableLoader:
+    """The training loader of a data module: ``dataset`` in a resumable order for this process's rank of
+    ``trainer``'s world (rank 0 of 1 without a trainer), shuffled by ``seed`` and the epoch, or drawn in
+    proportion to ``weights`` (:class:`BalancedSampler`); ``options`` go to the DataLoader."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    if weights is not None:
+        sampler = BalancedSampler(weights, num_replicas=world, rank=rank, seed=seed)
+    else:
+        sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=seed, draw_seeds=draw_seeds)
+    trained = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None else (lambda: 0)
+    return ResumableLoader(dataset, sampler=sampler, trained_batches=trained, **options)
 
 
 class BalancedSampler(ResumableSampler):

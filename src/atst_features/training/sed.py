@@ -35,7 +35,7 @@ from ..audio import SAMPLE_RATE, load_audio
 from ..errors import InputError
 from ..events import read_strong_labels, read_weak_labels
 from .progress import say
-from .sampling import ResumableLoader, ResumableSampler, trained_batches
+from .sampling import resumable_loader
 from .supervised import SupervisedTraining, layerwise_groups, model_from_source
 
 __all__ = ["EventData", "SoundEventDetection", "event_targets", "frame_targets", "weak_targets"]
@@ -184,10 +184,7 @@ class EventData(L.LightningDataModule):
                        generator=torch.Generator().manual_seed(self.seed))  # worker seeds: not from the global generator
         if not shuffle:
             return DataLoader(dataset, **options)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, seed=self.seed)
-        return ResumableLoader(dataset, sampler=sampler, trained_batches=trained_batches(trainer), **options)
+        return resumable_loader(dataset, self.trainer, seed=self.seed, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
